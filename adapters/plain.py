@@ -1,0 +1,22 @@
+"""The fallback adapter: any ``torch.nn.Module``, through its state dict."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import JsonValue
+
+
+class PlainModuleAdapter:
+    """Any ``nn.Module``: captures ``state_dict()`` and records the model's class."""
+
+    name = "plain"
+
+    def can_handle(self, model: torch.nn.Module) -> bool:
+        return isinstance(model, torch.nn.Module)
+
+    def capture(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, JsonValue]]:
+        cls = type(model)
+        return dict(model.state_dict()), {"class": f"{cls.__module__}.{cls.__qualname__}"}
+
+    def restore(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(tensors, strict=False)

@@ -1,0 +1,450 @@
+"""The functions: save, restore, inspect, verify, gc. The manager builds on these."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ckptkit import __version__
+from ckptkit.errors import (
+    CheckpointNotFoundError,
+    CorruptObjectError,
+    IncompleteCheckpointError,
+    ManifestError,
+    StateMismatchError,
+)
+from ckptkit.format import DEFAULT_OBJECT_SIZE, decode, group, pack, unpack
+from ckptkit.schema import (
+    Component,
+    DataSegment,
+    Environment,
+    Lineage,
+    Manifest,
+    ObjectInfo,
+    Progress,
+    TensorRef,
+    build_manifest,
+    dump_manifest,
+    parse_manifest,
+)
+from ckptkit.state import (
+    RNG,
+    Captured,
+    LoadReport,
+    Saved,
+    Stateful,
+    capture,
+    check_targets,
+    kind_of,
+    param_names,
+    restore_model,
+    restore_optimizer,
+    restore_rng,
+    restore_stateful,
+)
+from ckptkit.storage import Repository, check_name
+
+log = logging.getLogger("ckptkit")
+
+RepoLike = str | Repository
+
+
+def open_repository(repo: RepoLike, storage_options: dict[str, Any] | None = None) -> Repository:
+    """A :class:`Repository` for a URL (or the repository itself)."""
+    if isinstance(repo, Repository):
+        if storage_options:
+            raise ValueError("storage_options apply to a URL; this repository is already open")
+        return repo
+    return Repository(repo, storage_options)
+
+
+# --- save ------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _environment() -> Environment:
+    rev = None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        if out.returncode == 0:
+            rev = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None  # no git here: the revision is optional
+    return Environment(
+        ckptkit=__version__, torch=torch.__version__, python=platform.python_version(),
+        platform=f"{sys.platform}-{platform.machine()}", host=socket.gethostname(),
+        code_revision=os.environ.get("CKPTKIT_CODE_REVISION", rev),
+    )  # fmt: skip
+
+
+def save(
+    repo: RepoLike,
+    state: Mapping[str, object],
+    name: str,
+    *,
+    progress: Progress | None = None,
+    metrics: Mapping[str, float] | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    data: list[DataSegment] | None = None,
+    lineage: Lineage | None = None,
+    rng: bool = True,
+    object_size: int = DEFAULT_OBJECT_SIZE,
+    storage_options: dict[str, Any] | None = None,
+) -> Manifest:
+    """Save ``state`` as checkpoint ``name``: objects first, manifest last (the commit).
+
+    Args:
+        repo: repository URL (any fsspec URL) or an open :class:`Repository`.
+        state: components by name: models, optimizers, schedulers, grad scalers, any object with
+            ``state_dict()``/``load_state_dict()``, or JSON-able values.
+        name: checkpoint name (letters, digits, ``.``, ``_``, ``-``); an existing name is an error.
+        progress, metrics, hparams, data, lineage: recorded in the manifest.
+        rng: also capture python, numpy, torch CPU and CUDA RNG state.
+        object_size: target bytes per stored object.
+
+    Returns:
+        The committed manifest (``manifest.id`` is the checkpoint's hash).
+
+    Example:
+        >>> import torch, ckptkit
+        >>> model = torch.nn.Linear(2, 2)
+        >>> m = ckptkit.save("memory://doc-save", {"model": model}, "first")
+        >>> m.name, len(m.id)
+        ('first', 64)
+    """
+    check_name(name)
+    if object_size <= 0:
+        raise ValueError(f"object_size must be positive, got {object_size}")
+    r = open_repository(repo, storage_options)
+    captured = capture(state, rng=rng)
+    return commit_captured(r, captured, name, progress=progress, metrics=metrics, hparams=hparams, data=data,
+                           lineage=lineage, object_size=object_size)  # fmt: skip
+
+
+def commit_captured(
+    r: Repository,
+    captured: list[Captured],
+    name: str,
+    *,
+    progress: Progress | None = None,
+    metrics: Mapping[str, float] | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    data: list[DataSegment] | None = None,
+    lineage: Lineage | None = None,
+    object_size: int = DEFAULT_OBJECT_SIZE,
+) -> Manifest:
+    """Pack captured components into objects, store the missing ones, and commit the manifest."""
+    packed = {}
+    refs: dict[str, dict[str, TensorRef]] = {}
+    for comp in captured:
+        refs[comp.name] = {}
+        by_class: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for key, t in comp.tensors.items():
+            by_class.setdefault(comp.classes.get(key, "state"), []).append((key, t))
+        for entries in by_class.values():
+            tensors = dict(entries)
+            for keys in group(entries, object_size):
+                obj = pack([(k, tensors[k]) for k in keys])
+                packed[obj.hash] = obj
+                for k in keys:
+                    t = tensors[k]
+                    refs[comp.name][k] = TensorRef(object=obj.hash, key=k, dtype=_code(t), shape=list(t.shape))
+    components = {
+        c.name: Component(kind=c.kind, adapter=c.adapter, type=c.type, tensors=refs[c.name], aliases=c.aliases,
+                          state=c.json, meta=c.meta)
+        for c in captured
+    }
+    manifest = build_manifest(
+        name=name,
+        created_at=_dt.datetime.now(_dt.timezone.utc),
+        environment=_environment(),
+        progress=progress or Progress(),
+        components=components,
+        objects={h: ObjectInfo(size=o.size) for h, o in packed.items()},
+        data=list(data or []),
+        hparams=dict(hparams or {}),
+        metrics=dict(metrics or {}),
+        lineage=lineage or Lineage(),
+    )
+    raw = dump_manifest(manifest)
+    with r.pending(packed):
+        for h, obj in packed.items():
+            if not r.has_object(h):
+                r.write_object(h, obj.chunks())
+        r.commit(name, raw)
+    return manifest
+
+
+def _code(t: torch.Tensor) -> Any:
+    from ckptkit.format import dtype_code
+
+    return dtype_code(t.dtype)
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def inspect(repo: RepoLike, name: str | None = None, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """The validated manifest of checkpoint ``name`` (the latest when ``None``). Reads no tensors.
+
+    Example:
+        >>> import torch, ckptkit
+        >>> _ = ckptkit.save("memory://doc-inspect", {"model": torch.nn.Linear(2, 2)}, "a")
+        >>> ckptkit.inspect("memory://doc-inspect", "a").components["model"].kind
+        'model'
+    """
+    r = open_repository(repo, storage_options)
+    if name is None:
+        latest = checkpoints(r)
+        if not latest:
+            raise CheckpointNotFoundError(r.url, None)
+        return latest[-1]
+    return parse_manifest(r.read_manifest(name), f"{r.url}/checkpoints/{name}.json")
+
+
+def checkpoints(repo: RepoLike, storage_options: dict[str, Any] | None = None) -> list[Manifest]:
+    """Every committed checkpoint that parses, oldest first (by creation time, then step).
+
+    A manifest that does not parse is skipped with a warning (``ckptkit verify`` reports it).
+    """
+    r = open_repository(repo, storage_options)
+    out = []
+    for n in r.list():
+        try:
+            out.append(parse_manifest(r.read_manifest(n), f"{r.url}/checkpoints/{n}.json"))
+        except (ManifestError, CheckpointNotFoundError) as err:
+            log.warning("skipping checkpoint %s: %s", n, err)
+    out.sort(key=lambda m: (m.created_at, m.progress.global_step, m.name))
+    return out
+
+
+def load_tensors(r: Repository, manifest: Manifest, components: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Read (and hash-verify) the objects that ``components`` need; tensors by component and key."""
+    needed = {ref.object for c in components for ref in manifest.components[c].tensors.values()}
+    objects: dict[str, dict[str, torch.Tensor]] = {}
+    missing = []
+    for h in sorted(needed):
+        info = manifest.objects.get(h)
+        if info is None:
+            raise ManifestError(f"{manifest.name}", f"object {h} is referenced but not listed in `objects`")
+        try:
+            objects[h] = unpack(r.read_object(h, info.size), r.object_path(h))
+        except FileNotFoundError:
+            missing.append(h)
+    if missing:
+        raise IncompleteCheckpointError(manifest.name, [r.object_path(h) for h in missing])
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for c in components:
+        out[c] = {}
+        for key, ref in manifest.components[c].tensors.items():
+            t = objects[ref.object].get(ref.key)
+            if t is None or list(t.shape) != ref.shape:
+                raise CorruptObjectError(r.object_path(ref.object), f"tensor {ref.key!r} {ref.shape}",
+                                         "absent" if t is None else f"shape {list(t.shape)}")  # fmt: skip
+            out[c][key] = t
+    return out
+
+
+@dataclass
+class RestoreResult:
+    """What :func:`restore` did.
+
+    Attributes:
+        manifest: the checkpoint that was restored (``.name``, ``.id``, ``.progress``, ``.metrics`` ...).
+        reports: per-component load reports (all ``ok`` after a strict restore).
+        values: plain values saved in the checkpoint, by component name.
+        warnings: what could not be restored exactly (e.g. RNG of a CUDA device this process lacks).
+    """
+
+    manifest: Manifest
+    reports: dict[str, LoadReport] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def progress(self) -> Progress:
+        """Where training stood at the checkpoint."""
+        return self.manifest.progress
+
+
+_ORDER: dict[str, int] = {"model": 0, "optimizer": 1, "scheduler": 2, "grad_scaler": 3, "stateful": 4, "value": 5}
+
+
+def restore(
+    repo: RepoLike,
+    state: Mapping[str, object],
+    name: str | None = None,
+    *,
+    strict: bool = True,
+    rng: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> RestoreResult:
+    """Restore checkpoint ``name`` (the latest when ``None``) into the live objects of ``state``.
+
+    Every object read is hash-verified before anything is loaded. Components are restored in dependency
+    order (models, optimizers, schedulers, scalers, others) and process RNG last, so nothing a
+    ``load_state_dict`` draws shifts the restored streams.
+
+    Args:
+        strict: raise :class:`StateMismatchError` when keys or shapes differ; with ``strict=False`` load what
+            fits and return the per-component reports.
+        rng: restore process RNG state when the checkpoint has it.
+
+    Raises:
+        CheckpointNotFoundError, CorruptObjectError, IncompleteCheckpointError, StateMismatchError.
+
+    Example:
+        >>> import torch, ckptkit
+        >>> model = torch.nn.Linear(2, 2)
+        >>> _ = ckptkit.save("memory://doc-restore", {"model": model}, "a")
+        >>> ckptkit.restore("memory://doc-restore", {"model": torch.nn.Linear(2, 2)}).manifest.name
+        'a'
+    """
+    r = open_repository(repo, storage_options)
+    check_targets(state)
+    manifest = inspect(r, name)
+    saved_comps = manifest.components
+    absent = [n for n in state if n not in saved_comps]
+    if absent and strict:
+        raise StateMismatchError(
+            ", ".join(absent), f"not in checkpoint {manifest.name!r} (it has {', '.join(saved_comps)})",
+            "pass strict=False to restore the others",
+        )
+    for n, obj in state.items():
+        if n in saved_comps and saved_comps[n].kind != kind_of(obj):
+            raise StateMismatchError(n, f"saved as a {saved_comps[n].kind}, given a {kind_of(obj)}",
+                                     "pass the same kind of object that was saved under this name")  # fmt: skip
+    wanted = [n for n in saved_comps if n in state or saved_comps[n].kind == "value" or (rng and n == RNG)]
+    tensors = load_tensors(r, manifest, wanted)
+
+    def saved(n: str) -> Saved:
+        c = saved_comps[n]
+        return Saved(c.kind, c.state, tensors[n], c.aliases, c.adapter, c.meta)
+
+    result = RestoreResult(manifest)
+    names = param_names(state)
+    for n in sorted((n for n in state if n in saved_comps), key=lambda n: _ORDER[saved_comps[n].kind]):
+        obj = state[n]
+        if isinstance(obj, torch.nn.Module):
+            result.reports[n] = restore_model(n, obj, saved(n), strict)
+        elif isinstance(obj, torch.optim.Optimizer):
+            result.reports[n] = restore_optimizer(n, obj, saved(n), names, strict)
+        elif isinstance(obj, Stateful):
+            restore_stateful(n, obj, saved(n))
+    for n in wanted:
+        if saved_comps[n].kind == "value":
+            result.values[n] = decode(saved_comps[n].state, tensors[n], n)
+    for n in absent:
+        result.reports[n] = LoadReport(n, missing=["(whole component)"])
+    if rng and RNG in saved_comps:
+        result.warnings.extend(restore_rng(saved(RNG)))
+    elif rng:
+        result.warnings.append("checkpoint holds no RNG state; random streams are not resumed")
+    for w in result.warnings:
+        log.warning("restore %s: %s", manifest.name, w)
+    return result
+
+
+# --- verify and gc -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify` for one checkpoint; ``problems`` is empty when it is intact."""
+
+    name: str
+    objects: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(
+    repo: RepoLike, name: str | None = None, storage_options: dict[str, Any] | None = None
+) -> list[VerifyReport]:
+    """Check checkpoints end to end: manifest parses and matches its id, every object exists and hashes to its
+    name, every tensor is where the manifest says. ``name=None`` verifies every checkpoint.
+
+    Example:
+        >>> import torch, ckptkit
+        >>> _ = ckptkit.save("memory://doc-verify", {"model": torch.nn.Linear(2, 2)}, "a")
+        >>> [r.ok for r in ckptkit.verify("memory://doc-verify")]
+        [True]
+    """
+    r = open_repository(repo, storage_options)
+    names = [name] if name is not None else r.list()
+    if name is not None:
+        check_name(name)
+    reports = []
+    checked: dict[str, str | None] = {}  # object hash -> problem (None when fine), shared across checkpoints
+    for n in names:
+        rep = VerifyReport(n)
+        reports.append(rep)
+        try:
+            manifest = parse_manifest(r.read_manifest(n), f"{r.url}/checkpoints/{n}.json")
+        except (ManifestError, CheckpointNotFoundError) as err:
+            rep.problems.append(str(err))
+            continue
+        for h, info in manifest.objects.items():
+            rep.objects += 1
+            rep.bytes += info.size
+            if h not in checked:
+                checked[h] = _check_object(r, manifest, h, info.size)
+            if checked[h]:
+                rep.problems.append(str(checked[h]))
+    return reports
+
+
+def _check_object(r: Repository, manifest: Manifest, h: str, size: int) -> str | None:
+    try:
+        tensors = unpack(r.read_object(h, size), r.object_path(h))
+    except FileNotFoundError:
+        return f"object {r.object_path(h)} is missing"
+    except CorruptObjectError as err:
+        return str(err)
+    for cname, comp in manifest.components.items():
+        for key, ref in comp.tensors.items():
+            if ref.object == h and (ref.key not in tensors or list(tensors[ref.key].shape) != ref.shape):
+                return f"object {r.object_path(h)} lacks tensor {ref.key!r} of {cname}.{key} as the manifest describes"
+    return None
+
+
+def gc(repo: RepoLike, dry_run: bool = False, storage_options: dict[str, Any] | None = None) -> Any:
+    """Delete objects no committed checkpoint references (never those of a save in progress).
+
+    Refuses to run while a manifest in the repository cannot be parsed, since its objects would look
+    unreferenced. Returns a :class:`~ckptkit.storage.GcReport`.
+    """
+    r = open_repository(repo, storage_options)
+    with r.gc_lock():
+        referenced: set[str] = set()
+        for n in r.list():
+            try:
+                m = parse_manifest(r.read_manifest(n), f"{r.url}/checkpoints/{n}.json")
+            except CheckpointNotFoundError:
+                continue  # deleted while we listed
+            except ManifestError as err:
+                raise ManifestError(
+                    f"{r.url}/checkpoints/{n}.json",
+                    f"{err.problem}; gc refuses to run while a manifest is unreadable, because the objects it "
+                    "references would look unreferenced: repair or delete it first",
+                ) from err
+            referenced.update(m.objects)
+        return r.sweep(referenced, dry_run=dry_run)
+
+
+Which = Literal["latest", "best"]

@@ -1,0 +1,118 @@
+"""Every error ckptkit raises.
+
+All derive from :class:`CkptkitError`; each also derives from the builtin exception that callers already
+catch for the same situation (a missing checkpoint is a ``FileNotFoundError``, a bad argument a ``ValueError``),
+so ``except FileNotFoundError`` keeps working around ckptkit calls.
+"""
+
+from __future__ import annotations
+
+
+class CkptkitError(Exception):
+    """Root of every error raised by ckptkit."""
+
+
+class CheckpointNotFoundError(CkptkitError, FileNotFoundError):
+    """A named checkpoint (or any checkpoint at all) does not exist in the repository."""
+
+    def __init__(self, url: str, name: str | None, available: list[str] | None = None) -> None:
+        self.url = url
+        self.name = name
+        self.available = available or []
+        msg = f"no committed checkpoint in {url}" if name is None else f"no checkpoint named {name!r} in {url}"
+        if self.available:
+            shown = ", ".join(self.available[-5:])
+            more = f" (and {len(self.available) - 5} more)" if len(self.available) > 5 else ""
+            msg += f"; available: {shown}{more}"
+        else:
+            msg += "; run `ckptkit ls URL` to see what the repository holds"
+        super().__init__(msg)
+
+
+class CheckpointExistsError(CkptkitError, FileExistsError):
+    """A checkpoint of that name is already committed; checkpoints are immutable."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.name = name
+        super().__init__(
+            f"checkpoint {name!r} already exists in {url}; checkpoints are immutable: "
+            "choose another name, or delete the old one first"
+        )
+
+
+class CorruptObjectError(CkptkitError, OSError):
+    """An object's bytes do not hash to the name it is stored under (bit rot, truncation, tampering)."""
+
+    def __init__(self, path: str, expected: str, found: str, detail: str = "") -> None:
+        self.path = path
+        self.expected = expected
+        self.found = found
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"object {path} is corrupt{extra}: expected {expected}, found {found}; "
+            "restore an older checkpoint (`ckptkit ls`), or copy the object back from a replica"
+        )
+
+
+class IncompleteCheckpointError(CkptkitError, OSError):
+    """A manifest names objects that are missing from the repository."""
+
+    def __init__(self, name: str, missing: list[str]) -> None:
+        self.name = name
+        self.missing = missing
+        shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        super().__init__(
+            f"checkpoint {name!r} is incomplete: {len(missing)} object(s) missing: {shown}; "
+            "the objects were deleted outside ckptkit or never copied; restore an older checkpoint"
+        )
+
+
+class ManifestError(CkptkitError, ValueError):
+    """A manifest cannot be parsed or fails validation (malformed, tampered, or not a ckptkit manifest)."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        self.where = where
+        self.problem = problem
+        super().__init__(f"invalid manifest {where}: {problem}")
+
+
+class FormatVersionError(ManifestError):
+    """A manifest was written by a newer ckptkit whose format this version cannot read."""
+
+    def __init__(self, where: str, found: int, supported: int) -> None:
+        self.found = found
+        self.supported = supported
+        CkptkitError.__init__(
+            self,
+            f"manifest {where} has format_version {found}, but this ckptkit reads versions up to "
+            f"{supported}; upgrade ckptkit (`pip install -U ckptkit`) to read it",
+        )
+        self.where = where
+        self.problem = f"format_version {found} > {supported}"
+
+
+class StateMismatchError(CkptkitError, ValueError):
+    """The saved state does not fit the object it is restored into (keys or shapes differ)."""
+
+    def __init__(self, component: str, report: object, hint: str = "") -> None:
+        self.component = component
+        self.report = report
+        fix = hint or "pass strict=False to load what fits and get this report back"
+        super().__init__(f"state of {component!r} does not match: {report}; {fix}")
+
+
+class UnsupportedStateError(CkptkitError, TypeError):
+    """A value in the state cannot be stored without pickle."""
+
+    def __init__(self, where: str, value_type: str, fix: str = "") -> None:
+        self.where = where
+        self.value_type = value_type
+        super().__init__(
+            f"cannot store {where}: values of type {value_type} are not serialisable without pickle; "
+            + (fix or "convert it to tensors, numbers, strings, lists or dicts in state_dict()")
+        )
+
+
+class RepositoryBusyError(CkptkitError, RuntimeError):
+    """Another process holds the repository's gc lock for longer than the caller waited."""

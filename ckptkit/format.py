@@ -1,0 +1,313 @@
+"""Manifest <-> objects: typed JSON for values, deterministic safetensors objects for tensors.
+
+Nothing here pickles. Values are encoded as JSON with a few tags for what JSON lacks (``{"$tuple": [...]}``,
+``{"$float": "nan"}``, ``{"$tensor": key}`` ...); anything else is refused with
+:class:`~ckptkit.errors.UnsupportedStateError` naming where it was found.
+
+Tensors are packed into safetensors objects whose bytes depend only on the tensors they hold (sorted keys,
+no timestamps, fixed layout), so an unchanged module produces a byte-identical object and is stored once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import numpy as np
+import torch
+
+from ckptkit.errors import CorruptObjectError, ManifestError, UnsupportedStateError
+
+# --- dtypes ------------------------------------------------------------------------------------------------
+
+_DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+    torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+    torch.float64: "F64", torch.complex64: "C64",
+}  # fmt: skip
+for _name, _code in [("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+                     ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")]:  # fmt: skip
+    if hasattr(torch, _name):  # newer dtypes: present in every torch ckptkit supports, checked anyway
+        _DTYPES[getattr(torch, _name)] = _code
+_TORCH_DTYPES = {code: dt for dt, code in _DTYPES.items()}
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise UnsupportedStateError(f"a tensor of dtype {dtype}", str(dtype), "safetensors cannot store it; "
+                                    "cast it to a supported dtype first") from None
+
+
+# --- typed JSON --------------------------------------------------------------------------------------------
+
+_TAGS = ("$tensor", "$tuple", "$float", "$bytes", "$dict", "$np", "$dtype", "$set")
+
+
+@dataclass
+class Encoded:
+    """A value split into its JSON part and its tensors (keyed as the JSON refers to them)."""
+
+    json: Any
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def encode(value: Any, where: str) -> Encoded:
+    """Split ``value`` into typed JSON and tensors. ``where`` names it in errors (e.g. ``"optimizer"``)."""
+    out = Encoded(None)
+    out.json = _enc(value, where, out.tensors)
+    return out
+
+
+def _enc(v: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, int):
+        return int(v)  # int subclasses (IntEnum) become plain ints
+    if isinstance(v, float):
+        return float(v) if math.isfinite(v) else {"$float": repr(float(v))}
+    if isinstance(v, torch.Tensor):
+        key = path
+        tensors[key] = v
+        return {"$tensor": key}
+    if isinstance(v, np.ndarray):
+        if v.dtype == object:
+            raise UnsupportedStateError(path, "numpy object array")
+        key = path
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(v))
+        return {"$tensor": key, "numpy": True}
+    if isinstance(v, np.generic):
+        return {"$np": v.dtype.str, "value": _enc(v.item(), path, tensors)}
+    if isinstance(v, torch.dtype):
+        return {"$dtype": str(v).removeprefix("torch.")}
+    if isinstance(v, (bytes, bytearray)):
+        return {"$bytes": base64.b64encode(bytes(v)).decode()}
+    if isinstance(v, tuple):
+        return {"$tuple": [_enc(x, f"{path}[{i}]", tensors) for i, x in enumerate(v)]}
+    if isinstance(v, list):
+        return [_enc(x, f"{path}[{i}]", tensors) for i, x in enumerate(v)]
+    if isinstance(v, (set, frozenset)):
+        items = sorted(v, key=repr)  # sets have no order; sort for deterministic bytes
+        return {"$set": [_enc(x, f"{path}{{}}", tensors) for x in items]}
+    if isinstance(v, Mapping):
+        if all(isinstance(k, str) and not k.startswith("$") for k in v):
+            return {k: _enc(x, f"{path}.{k}", tensors) for k, x in v.items()}
+        # Non-string keys (optimizer state is keyed by int) or keys that look like our tags.
+        return {"$dict": [[_enc(k, f"{path}<key>", tensors), _enc(x, f"{path}.{k}", tensors)]
+                          for k, x in v.items()]}
+    raise UnsupportedStateError(path, f"{type(v).__module__}.{type(v).__qualname__}")
+
+
+def decode(data: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
+    """Inverse of :func:`encode`. ``data`` is untrusted: malformed tags raise :class:`ManifestError`."""
+    return _dec(data, tensors, where)
+
+
+def _dec(d: Any, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
+    if d is None or isinstance(d, (bool, int, float, str)):
+        return d
+    if isinstance(d, list):
+        return [_dec(x, tensors, path) for x in d]
+    if not isinstance(d, dict):
+        raise ManifestError(path, f"unexpected JSON value of type {type(d).__name__}")
+    tag = next((k for k in d if k in _TAGS), None)
+    if tag is None:
+        return {k: _dec(x, tensors, f"{path}.{k}") for k, x in d.items()}
+    body = d[tag]
+    try:
+        if tag == "$tensor":
+            t = tensors[body]
+            return t.numpy() if d.get("numpy") else t
+        if tag == "$tuple":
+            return tuple(_dec(x, tensors, path) for x in body)
+        if tag == "$float":
+            if body not in ("nan", "inf", "-inf"):
+                raise ValueError(f"bad float {body!r}")
+            return float(body)
+        if tag == "$bytes":
+            return base64.b64decode(body, validate=True)
+        if tag == "$dict":
+            return {_hashable(_dec(k, tensors, path)): _dec(x, tensors, path) for k, x in body}
+        if tag == "$set":
+            return {_hashable(_dec(x, tensors, path)) for x in body}
+        if tag == "$np":
+            return np.dtype(body).type(_dec(d["value"], tensors, path))
+        if tag == "$dtype":
+            dt = getattr(torch, body)
+            if not isinstance(dt, torch.dtype):
+                raise ValueError(f"{body!r} is not a torch dtype")
+            return dt
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ManifestError(path, f"malformed {tag} value {str(body)[:80]!r}: {err}") from err
+    raise AssertionError(tag)  # pragma: no cover
+
+
+def _hashable(k: Any) -> Any:
+    if isinstance(k, (list, dict)):
+        raise TypeError(f"unhashable key {k!r}")
+    return k
+
+
+# --- objects (safetensors) ---------------------------------------------------------------------------------
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes, without copying when it is already contiguous on the CPU."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    array: Any = t.reshape(-1).view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
+
+
+@dataclass
+class PackedObject:
+    """A safetensors object ready to store: its bytes as a list of buffers, and the hash of those bytes."""
+
+    hash: str
+    size: int
+    buffers: list[memoryview]
+    keys: list[str]
+
+    def chunks(self) -> Iterator[memoryview]:
+        yield from self.buffers
+
+
+def pack(tensors: list[tuple[str, torch.Tensor]]) -> PackedObject:
+    """Serialise tensors into one deterministic safetensors object (no copy of contiguous CPU tensors).
+
+    Tensors are laid out by descending element size, then key, so every tensor is aligned for zero-copy
+    loading; the header is canonical JSON padded to 8 bytes. The hash covers exactly the stored bytes.
+    """
+    items = sorted(tensors, key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: dict[str, Any] = {}
+    datas: list[memoryview] = []
+    offset = 0
+    for key, t in items:
+        data = _raw_bytes(t)
+        span = [offset, offset + len(data)]
+        header[key] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape), "data_offsets": span}
+        datas.append(data)
+        offset += len(data)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    prefix = memoryview(struct.pack("<Q", len(head)) + head)
+    buffers = [prefix, *datas]
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO) if offset > (8 << 20) else blake3.blake3()
+    for b in buffers:
+        h.update(b)
+    return PackedObject(h.hexdigest(), len(prefix) + offset, buffers, [k for k, _ in items])
+
+
+def hash_bytes(data: bytes | bytearray | memoryview) -> str:
+    """blake3 hex digest, multi-threaded for large buffers."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO) if len(data) > (8 << 20) else blake3.blake3()
+    h.update(data)
+    return h.hexdigest()
+
+
+def unpack(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
+    """Parse a safetensors object held in ``buf`` into tensors that share its memory.
+
+    ``buf`` must already be hash-verified; the header is still validated (offsets in range, sizes that
+    match dtype and shape) since a hash only proves the bytes are the ones written, not that they are sane.
+    """
+    n = len(buf)
+    if n < 8:
+        raise CorruptObjectError(where, "a safetensors object", f"{n} bytes", "too short")
+    (hlen,) = struct.unpack_from("<Q", buf, 0)
+    if hlen > n - 8:
+        raise CorruptObjectError(where, f"header of {hlen} bytes", f"{n - 8} bytes after the length")
+    try:
+        header = json.loads(bytes(buf[8 : 8 + hlen]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptObjectError(where, "a JSON header", "unparseable bytes", str(err)) from err
+    if not isinstance(header, dict):
+        raise CorruptObjectError(where, "a JSON object header", type(header).__name__)
+    base = 8 + hlen
+    out: dict[str, torch.Tensor] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _TORCH_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptObjectError(where, "a valid tensor entry", repr(info)[:100], f"key {key!r}") from err
+        numel = math.prod(shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= n - base or end - start != numel * itemsize:
+            raise CorruptObjectError(where, f"{numel * itemsize} bytes for {key!r}", f"offsets {start}..{end}")
+        if numel == 0:
+            out[key] = torch.empty(shape, dtype=dtype)
+        elif (base + start) % itemsize == 0:
+            out[key] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start).reshape(shape)
+        else:  # foreign layout: copy to an aligned buffer
+            raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=base + start).clone()
+            out[key] = raw.view(dtype).reshape(shape)
+    return out
+
+
+# --- grouping tensors into objects ---------------------------------------------------------------------------
+
+DEFAULT_OBJECT_SIZE = 64 << 20
+"""Target size of one object: large enough that a checkpoint is not thousands of tiny objects on S3, small
+enough that an unchanged module usually sits in an object of its own and is deduplicated."""
+
+
+def group(entries: list[tuple[str, torch.Tensor]], target: int = DEFAULT_OBJECT_SIZE) -> list[list[str]]:
+    """Partition tensor keys into objects of about ``target`` bytes along module boundaries.
+
+    Keys are dotted module paths (``encoder.layer.3.attn.q.weight``). A subtree that fits in ``target`` stays
+    together; a larger one is split along its children; neighbouring small pieces are merged in order. The
+    result depends only on keys, dtypes and shapes (never on values), so the same model always yields the
+    same grouping and an unchanged module the same object bytes.
+    """
+    sizes = {k: t.numel() * t.element_size() for k, t in entries}
+    return [bin_ for bin_ in _split([k for k, _ in entries], sizes, 0, target) if bin_]
+
+
+def _split(keys: list[str], sizes: dict[str, int], depth: int, target: int) -> list[list[str]]:
+    if sum(sizes[k] for k in keys) <= target:
+        return [keys]
+    units: list[list[str]] = []
+    children: dict[str, list[str]] = {}
+    order: list[tuple[str, str | None]] = []  # (key, child) in first-seen order
+    for k in keys:
+        parts = k.split(".")
+        child = parts[depth] if len(parts) > depth + 1 else None
+        if child is None:
+            order.append((k, None))
+        elif child not in children:
+            children[child] = [k]
+            order.append((k, child))
+        else:
+            children[child].append(k)
+    for k, child in order:
+        units.extend([[k]] if child is None else _split(children[child], sizes, depth + 1, target))
+    bins: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    for unit in units:
+        size = sum(sizes[k] for k in unit)
+        if current and current_size + size > target:
+            bins.append(current)
+            current, current_size = [], 0
+        current = current + unit
+        current_size += size
+    bins.append(current)
+    return bins

@@ -1,0 +1,240 @@
+"""Pydantic models of the manifest: the single source of truth for what a checkpoint contains.
+
+A manifest is plain JSON. Everything read from storage is untrusted, so every field is validated here: names
+and hashes that become storage paths are restricted to safe characters, and a manifest from a newer format
+version is refused with :class:`~ckptkit.errors.FormatVersionError` before anything else is parsed.
+
+Regenerate the published JSON schema with ``python -m ckptkit.schema > docs/manifest.schema.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import blake3
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, PlainSerializer, ValidationError
+
+from ckptkit.errors import FormatVersionError, ManifestError
+
+FORMAT_VERSION = 1
+"""The manifest format this version of ckptkit writes. Every older version is read (migrated) too."""
+
+HASH_RE = r"^[0-9a-f]{64}$"
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""Checkpoint and component names: they become storage paths, so no slashes, no leading dot."""
+
+Hash = Annotated[str, Field(pattern=HASH_RE, description="blake3 hex digest (64 characters)")]
+Name = Annotated[str, Field(pattern=NAME_RE)]
+
+
+def _finite_or_str(value: float) -> float | str:
+    # JSON has no NaN/Infinity; a diverged loss is still a metric worth keeping, so store it as a string.
+    return value if math.isfinite(value) else str(value)
+
+
+Number = Annotated[float, PlainSerializer(_finite_or_str, when_used="json")]
+"""A float that may be NaN or infinite (written to JSON as "nan", "inf", "-inf")."""
+
+Dtype = Literal[
+    "BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64",
+    "F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "C64",
+]  # fmt: skip
+Relation = Literal["init", "train", "resume", "continue", "transfer", "import"]
+ComponentKind = Literal["model", "optimizer", "scheduler", "grad_scaler", "rng", "stateful", "value"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorRef(_Strict):
+    """Where one tensor of a component lives: a key inside a safetensors object."""
+
+    object: Hash
+    key: str = Field(min_length=1, max_length=4096)
+    dtype: Dtype
+    shape: list[Annotated[int, Field(ge=0)]]
+
+
+class Component(_Strict):
+    """One piece of training state: a model, an optimizer, a scheduler, RNG, any Stateful object or value.
+
+    ``state`` holds the non-tensor part as typed JSON (see :mod:`ckptkit.format`); tensors are listed in
+    ``tensors`` and stored in objects. ``aliases`` maps a tied tensor's name to the name it is stored under.
+    """
+
+    kind: ComponentKind
+    adapter: str | None = None
+    type: str | None = Field(default=None, description="qualified class name of the saved object")
+    tensors: dict[str, TensorRef] = Field(default_factory=dict)
+    aliases: dict[str, str] = Field(default_factory=dict)
+    state: JsonValue = None
+    meta: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class Progress(_Strict):
+    """How far training got. Counted in samples as well as steps, so a changed batch size keeps accounting."""
+
+    epoch: int = Field(default=0, ge=0)
+    global_step: int = Field(default=0, ge=0)
+    step_in_epoch: int = Field(default=0, ge=0)
+    samples_seen: int = Field(default=0, ge=0)
+
+
+class DataSegment(_Strict):
+    """One dataset a training segment read, and how much of it."""
+
+    name: str = Field(min_length=1)
+    uri: str | None = None
+    fingerprint: str | None = None
+    size: int | None = Field(default=None, ge=0)
+    split: str | None = None
+    samples_consumed: int = Field(default=0, ge=0)
+    sampler_state: JsonValue = None
+
+
+class Environment(_Strict):
+    """Where the checkpoint was written."""
+
+    ckptkit: str
+    torch: str
+    python: str
+    platform: str
+    host: str | None = None
+    code_revision: str | None = None
+
+
+class Parent(_Strict):
+    """An edge of the lineage graph: this checkpoint came from ``id`` by ``relation``."""
+
+    id: Hash
+    relation: Relation
+    name: str | None = None
+    url: str | None = None
+    changes: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class Lineage(_Strict):
+    """Parents by id: since an id is the hash of the parent's manifest, the history is a hash chain."""
+
+    relation: Relation = "init"
+    parents: list[Parent] = Field(default_factory=list)
+    run: str | None = Field(default=None, description="id of the training run (one process lifetime)")
+
+
+class ObjectInfo(_Strict):
+    """An object the checkpoint references: its hash (also its name in the repository) and size."""
+
+    size: int = Field(ge=0)
+
+
+class Manifest(_Strict):
+    """A checkpoint. Stored as ``<repo>/checkpoints/<name>.json``; its presence is the commit."""
+
+    format_version: int = Field(ge=1)
+    id: Hash = Field(description="blake3 of the canonical manifest without this field")
+    name: Name
+    created_at: datetime
+    hash_algorithm: Literal["blake3"] = "blake3"
+    environment: Environment
+    progress: Progress = Field(default_factory=Progress)
+    components: dict[Name, Component] = Field(default_factory=dict)
+    objects: dict[Hash, ObjectInfo] = Field(default_factory=dict)
+    data: list[DataSegment] = Field(default_factory=list)
+    hparams: dict[str, JsonValue] = Field(default_factory=dict)
+    metrics: dict[str, Number] = Field(default_factory=dict)
+    lineage: Lineage = Field(default_factory=Lineage)
+
+    def payload(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data, without ``id`` (what the id is the hash of)."""
+        data = self.model_dump(mode="json")
+        data.pop("id")
+        return data
+
+
+def canonical_json(data: Any) -> bytes:
+    """Deterministic JSON bytes: sorted keys, no whitespace, UTF-8. Same data, same bytes, same hash."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def manifest_id(payload: dict[str, Any]) -> str:
+    """The id of a manifest: blake3 of its canonical JSON without the ``id`` field."""
+    return blake3.blake3(canonical_json(payload)).hexdigest()
+
+
+def build_manifest(**fields: Any) -> Manifest:
+    """Validate ``fields`` into a manifest of the current format version and compute its id."""
+    fields = {"format_version": FORMAT_VERSION, **fields, "id": "0" * 64}
+    try:
+        draft = Manifest.model_validate(fields)
+    except ValidationError as err:
+        raise ManifestError(f"for {fields.get('name')!r}", _short(err)) from err
+    return draft.model_copy(update={"id": manifest_id(draft.payload())})
+
+
+def dump_manifest(manifest: Manifest) -> bytes:
+    """The bytes written to storage: canonical JSON of the whole manifest, id included."""
+    return canonical_json(manifest.model_dump(mode="json"))
+
+
+# Migrations from older format versions: version -> function turning that version's JSON into the next one's.
+_MIGRATIONS: dict[int, Any] = {}
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """Parse and validate untrusted manifest bytes; check the id matches the content.
+
+    Raises:
+        FormatVersionError: written by a newer ckptkit.
+        ManifestError: not JSON, fails validation, or its id does not match its content.
+    """
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ManifestError(where, f"not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ManifestError(where, f"expected a JSON object, found {type(data).__name__}")
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ManifestError(where, f"format_version must be a positive integer, found {version!r}")
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(where, version, FORMAT_VERSION)
+    while version < FORMAT_VERSION:
+        data = _MIGRATIONS[version](data)
+        version = data["format_version"]
+    stored_id = data.get("id")
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as err:
+        raise ManifestError(where, _short(err)) from err
+    if manifest.format_version == FORMAT_VERSION:
+        # Migrated manifests keep the id they were committed under; only current ones can be re-hashed.
+        actual = manifest_id(manifest.payload())
+        if actual != stored_id:
+            raise ManifestError(
+                where,
+                f"id {stored_id} does not match its content (hash {actual}): the manifest was edited after "
+                "it was committed",
+            )
+    return manifest
+
+
+def _short(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        parts.append(f"{loc}: {e['msg']}")
+    more = f" (and {err.error_count() - 5} more)" if err.error_count() > 5 else ""
+    return "; ".join(parts) + more
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of the manifest (published as ``docs/manifest.schema.json``)."""
+    return Manifest.model_json_schema(mode="serialization")
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
