@@ -158,6 +158,14 @@ def gc_cmd(url: str, options: tuple[str, ...], dry_run: bool) -> None:
                f"{verb} {rep.temp_files_removed} stale temporary file(s)")  # fmt: skip
 
 
+@main.command("schema")
+def schema_cmd() -> None:
+    """Print the JSON schema of the manifest (published as docs/manifest.schema.json)."""
+    from ckptkit.schema import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2, sort_keys=True))
+
+
 @main.command("demo")
 @click.option("--url", default="./ckptkit-demo", show_default=True, help="repository for the demo's checkpoints")
 @click.option("--steps", default=60, show_default=True, help="training steps of the demo run")

@@ -4,7 +4,7 @@ A manifest is plain JSON. Everything read from storage is untrusted, so every fi
 and hashes that become storage paths are restricted to safe characters, and a manifest from a newer format
 version is refused with :class:`~ckptkit.errors.FormatVersionError` before anything else is parsed.
 
-Regenerate the published JSON schema with ``python -m ckptkit.schema > docs/manifest.schema.json``.
+Regenerate the published JSON schema with ``ckptkit schema > docs/manifest.schema.json``.
 """
 
 from __future__ import annotations
@@ -156,8 +156,13 @@ class Manifest(_Strict):
 
 
 def canonical_json(data: Any) -> bytes:
-    """Deterministic JSON bytes: sorted keys, no whitespace, UTF-8. Same data, same bytes, same hash."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """Deterministic JSON bytes: no whitespace, UTF-8, keys in order. Same data, same bytes, same hash.
+
+    Keys keep their order rather than being sorted: the schema fixes the order of its own fields, and the
+    order of a user's dict (optimizer state, an EMA's parameters) is information a restore must keep.
+    Parsing and re-dumping gives back the same bytes, which is what the id check relies on.
+    """
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def manifest_id(payload: dict[str, Any]) -> str:
@@ -235,6 +240,3 @@ def json_schema() -> dict[str, Any]:
     """The JSON schema of the manifest (published as ``docs/manifest.schema.json``)."""
     return Manifest.model_json_schema(mode="serialization")
 
-
-if __name__ == "__main__":
-    print(json.dumps(json_schema(), indent=2, sort_keys=True))

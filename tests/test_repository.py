@@ -1,0 +1,156 @@
+"""Conformance suite for repositories: every backend must behave the same through the same code path."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import ckptkit
+from ckptkit.api import checkpoints, gc
+from ckptkit.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptObjectError, RepositoryBusyError
+from ckptkit.format import hash_bytes
+from ckptkit.storage import Repository
+
+
+def _put(repo: Repository, data: bytes) -> str:
+    h = hash_bytes(data)
+    repo.write_object(h, [memoryview(data)])
+    return h
+
+
+def test_empty_repository_lists_nothing(repo_url: str) -> None:
+    repo = Repository(repo_url)
+    assert repo.list() == []
+    assert repo.list_objects() == {}
+    with pytest.raises(CheckpointNotFoundError) as err:
+        ckptkit.inspect(repo_url)
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_object_round_trip_is_hash_verified(repo_url: str) -> None:
+    repo = Repository(repo_url)
+    data = bytes(range(256)) * 100
+    h = _put(repo, data)
+    assert repo.has_object(h)
+    assert bytes(repo.read_object(h, len(data))) == data
+    assert repo.list_objects() == {h: len(data)}
+    missing = hash_bytes(b"never written")
+    assert not repo.has_object(missing)
+    with pytest.raises(FileNotFoundError):
+        repo.read_object(missing)
+    with pytest.raises(CorruptObjectError) as err:
+        repo.read_object(h, len(data) + 1)
+    assert err.value.path == repo.object_path(h)
+
+
+def test_commit_is_immutable_and_listing_sees_only_manifests(repo_url: str) -> None:
+    repo = Repository(repo_url)
+    repo.commit("a", b"{}")
+    repo.commit("b", b"{}")
+    with pytest.raises(CheckpointExistsError):
+        repo.commit("a", b'{"other": 1}')
+    assert repo.read_manifest("a") == b"{}"
+    # Files that are not manifests (temporaries, foreign files) are never listed as checkpoints.
+    repo.fs.pipe_file(repo.root + "/checkpoints/.tmp-123", b"partial")
+    repo.fs.pipe_file(repo.root + "/checkpoints/notes.txt", b"x")
+    assert sorted(repo.list()) == ["a", "b"]
+    repo.delete("a")
+    assert repo.list() == ["b"]
+    with pytest.raises(CheckpointNotFoundError):
+        repo.read_manifest("a")
+    with pytest.raises(CheckpointNotFoundError):
+        repo.delete("a")
+
+
+@pytest.mark.parametrize("bad", ["", "../escape", "a/b", ".hidden", "x" * 200, "name.json", "sp ace"])
+def test_unsafe_names_are_refused(repo_url: str, bad: str) -> None:
+    repo = Repository(repo_url)
+    with pytest.raises(ValueError, match="invalid checkpoint name"):
+        repo.commit(bad, b"{}")
+    with pytest.raises(ValueError):
+        ckptkit.save(repo_url, {"model": torch.nn.Linear(1, 1)}, bad)
+
+
+def test_invalid_object_hash_is_refused(repo_url: str) -> None:
+    with pytest.raises(ValueError, match="invalid object hash"):
+        Repository(repo_url).object_path("../../etc/passwd")
+
+
+def test_save_restore_on_backend(repo_url: str) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    m = ckptkit.save(repo_url, {"model": model}, "one")
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    ckptkit.restore(repo_url, {"model": fresh}, "one")
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [c.name for c in checkpoints(repo_url)] == ["one"]
+    assert ckptkit.inspect(repo_url).id == m.id
+
+
+def test_identical_content_is_stored_once(repo_url: str) -> None:
+    model = torch.nn.Linear(64, 64)
+    ckptkit.save(repo_url, {"model": model}, "a", rng=False)
+    before = Repository(repo_url).list_objects()
+    ckptkit.save(repo_url, {"model": model}, "b", rng=False)
+    assert Repository(repo_url).list_objects() == before
+
+
+def test_gc_removes_only_unreferenced_objects(repo_url: str) -> None:
+    model = torch.nn.Linear(32, 32)
+    ckptkit.save(repo_url, {"model": model}, "keep")
+    with torch.no_grad():
+        model.weight.add_(1)
+    ckptkit.save(repo_url, {"model": model}, "drop")
+    repo = Repository(repo_url)
+    orphan = _put(repo, b"orphan from a crashed save")
+    repo.delete("drop")
+    report = gc(repo_url, dry_run=True)
+    assert report.objects_removed >= 2 and repo.has_object(orphan)  # dry run deletes nothing
+    report = gc(repo_url)
+    assert not repo.has_object(orphan)
+    assert report.objects_removed >= 2
+    assert all(r.ok for r in ckptkit.verify(repo_url))
+    fresh = torch.nn.Linear(32, 32)
+    ckptkit.restore(repo_url, {"model": fresh}, "keep")
+
+
+def test_gc_keeps_objects_of_a_save_in_flight(repo_url: str) -> None:
+    repo = Repository(repo_url)
+    h = _put(repo, b"being written by another process")
+    with repo.pending([h]):
+        gc(repo_url)
+        assert repo.has_object(h)
+    gc(repo_url)
+    assert not repo.has_object(h)
+
+
+def test_save_waits_for_a_running_gc(repo_url: str) -> None:
+    """A save that starts while gc holds the lock checks for existing objects only after gc has finished."""
+    repo = Repository(repo_url)
+    model = torch.nn.Linear(8, 8)
+    ckptkit.save(repo_url, {"model": model}, "old", rng=False)
+    repo.delete("old")  # its objects are now garbage, but the next save would reuse them
+    done = threading.Event()
+
+    def slow_gc() -> None:
+        with repo.gc_lock():
+            time.sleep(0.5)
+            repo.sweep(set())  # deletes every object: nothing is committed
+        done.set()
+
+    t = threading.Thread(target=slow_gc)
+    t.start()
+    time.sleep(0.1)
+    ckptkit.save(repo_url, {"model": model}, "new", rng=False)  # would reference the deleted objects
+    t.join()
+    assert done.is_set()
+    assert all(r.ok for r in ckptkit.verify(repo_url, "new")), "save reused objects gc deleted"
+
+
+def test_second_gc_is_refused_while_one_runs(repo_url: str) -> None:
+    repo = Repository(repo_url)
+    with repo.gc_lock(), pytest.raises(RepositoryBusyError):
+        gc(repo_url)
