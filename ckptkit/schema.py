@@ -197,8 +197,8 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         ManifestError: not JSON, fails validation, or its id does not match its content.
     """
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as err:
         raise ManifestError(where, f"not valid JSON ({err})") from err
     if not isinstance(data, dict):
         raise ManifestError(where, f"expected a JSON object, found {type(data).__name__}")
@@ -207,24 +207,28 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         raise ManifestError(where, f"format_version must be a positive integer, found {version!r}")
     if version > FORMAT_VERSION:
         raise FormatVersionError(where, version, FORMAT_VERSION)
+    # The id covers the bytes as stored (not the validated model re-dumped), so a later ckptkit that adds a
+    # field with a default still verifies manifests written before the field existed.
+    stored_id = data.get("id")
+    actual = manifest_id({k: v for k, v in data.items() if k != "id"})
+    if actual != stored_id:
+        raise ManifestError(
+            where,
+            f"id {stored_id} does not match its content (hash {actual}): the manifest was edited after it was "
+            "committed",
+        )
     while version < FORMAT_VERSION:
         data = _MIGRATIONS[version](data)
         version = data["format_version"]
-    stored_id = data.get("id")
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as err:
         raise ManifestError(where, _short(err)) from err
-    if manifest.format_version == FORMAT_VERSION:
-        # Migrated manifests keep the id they were committed under; only current ones can be re-hashed.
-        actual = manifest_id(manifest.payload())
-        if actual != stored_id:
-            raise ManifestError(
-                where,
-                f"id {stored_id} does not match its content (hash {actual}): the manifest was edited after "
-                "it was committed",
-            )
     return manifest
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON")
 
 
 def _short(err: ValidationError) -> str:

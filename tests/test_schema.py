@@ -13,7 +13,7 @@ import torch
 
 import ckptkit
 from ckptkit.errors import FormatVersionError, ManifestError
-from ckptkit.schema import FORMAT_VERSION, dump_manifest, json_schema, parse_manifest
+from ckptkit.schema import FORMAT_VERSION, dump_manifest, json_schema, manifest_id, parse_manifest
 
 GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN))
@@ -50,6 +50,8 @@ def test_manifest_round_trips_and_its_id_is_its_content_hash(tmp_path: Path) -> 
     data["progress"]["global_step"] = 99
     with pytest.raises(ManifestError, match="does not match its content"):
         parse_manifest(json.dumps(data).encode(), "edited")
+    with pytest.raises(ManifestError, match="NaN is not standard JSON"):
+        parse_manifest(raw.replace(b'"nan"', b"NaN"), "nonstandard")
 
 
 @pytest.mark.parametrize(
@@ -67,6 +69,7 @@ def test_invalid_manifests_are_refused_with_a_clear_error(tmp_path: Path, mutate
     m = ckptkit.save(str(tmp_path), {"model": torch.nn.Linear(2, 2)}, "a")
     data = json.loads(dump_manifest(m))
     mutate(data)  # type: ignore[operator]
+    data["id"] = manifest_id({k: v for k, v in data.items() if k != "id"})  # a consistent forgery: validation must catch it
     with pytest.raises(ManifestError, match=match) as err:
         parse_manifest(json.dumps(data).encode(), "x.json")
     if "upgrade" in match:
