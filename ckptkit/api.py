@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from ckptkit import __version__
+from ckptkit.data import is_data_loader
 from ckptkit.errors import (
     CheckpointNotFoundError,
     CorruptObjectError,
@@ -46,6 +47,7 @@ from ckptkit.state import (
     Stateful,
     capture,
     check_targets,
+    determinism_flags,
     kind_of,
     param_names,
     restore_model,
@@ -218,15 +220,22 @@ def checkpoints(repo: RepoLike, storage_options: dict[str, Any] | None = None) -
 
     A manifest that does not parse is skipped with a warning (``ckptkit verify`` reports it).
     """
-    r = open_repository(repo, storage_options)
+    return _scan(open_repository(repo, storage_options))[0]
+
+
+def _scan(r: Repository) -> tuple[list[Manifest], list[tuple[str, str]]]:
     out = []
+    failed: list[tuple[str, str]] = []
     for n in r.list():
         try:
             out.append(parse_manifest(r.read_manifest(n), f"{r.url}/checkpoints/{n}.json"))
-        except (ManifestError, CheckpointNotFoundError) as err:
+        except CheckpointNotFoundError:
+            continue  # deleted while we listed
+        except ManifestError as err:
             log.warning("skipping checkpoint %s: %s", n, err)
+            failed.append((n, str(err)))
     out.sort(key=lambda m: (m.created_at, m.progress.global_step, m.name))
-    return out
+    return out, failed
 
 
 def load_tensors(r: Repository, manifest: Manifest, components: list[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -257,6 +266,25 @@ def load_tensors(r: Repository, manifest: Manifest, components: list[str]) -> di
 
 
 @dataclass
+class Fidelity:
+    """Whether a restore resumes training exactly. ``issues`` says what is missing when it does not.
+
+    Example:
+        >>> Fidelity([]).exact, str(Fidelity(["no RNG state"]))
+        (True, 'not exact: no RNG state')
+    """
+
+    issues: list[str]
+
+    @property
+    def exact(self) -> bool:
+        return not self.issues
+
+    def __str__(self) -> str:
+        return "exact" if self.exact else "not exact: " + "; ".join(self.issues)
+
+
+@dataclass
 class RestoreResult:
     """What :func:`restore` did.
 
@@ -264,13 +292,15 @@ class RestoreResult:
         manifest: the checkpoint that was restored (``.name``, ``.id``, ``.progress``, ``.metrics`` ...).
         reports: per-component load reports (all ``ok`` after a strict restore).
         values: plain values saved in the checkpoint, by component name.
-        warnings: what could not be restored exactly (e.g. RNG of a CUDA device this process lacks).
+        fidelity: whether training resumes exactly, and if not, what is missing.
+        skipped: newer checkpoints passed over (corrupt, incomplete, unreadable), with the reason.
     """
 
     manifest: Manifest
     reports: dict[str, LoadReport] = field(default_factory=dict)
     values: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    fidelity: Fidelity = field(default_factory=lambda: Fidelity([]))
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def progress(self) -> Progress:
@@ -313,7 +343,34 @@ def restore(
     """
     r = open_repository(repo, storage_options)
     check_targets(state)
-    manifest = inspect(r, name)
+    skipped: list[tuple[str, str]] = []
+    if name is not None:
+        candidates = [inspect(r, name)]
+    else:
+        found, skipped = _scan(r)
+        candidates = found[::-1]
+        if not candidates:
+            raise CheckpointNotFoundError(r.url, None, [n for n, _ in skipped])
+    for i, manifest in enumerate(candidates):
+        wanted = _check_components(manifest, state, strict, rng)
+        try:
+            tensors = load_tensors(r, manifest, wanted)  # reads and verifies everything before loading anything
+        except (CorruptObjectError, IncompleteCheckpointError, ManifestError) as err:
+            if name is not None or i == len(candidates) - 1:
+                raise
+            log.warning("restore: skipping %s: %s", manifest.name, err)
+            skipped.append((manifest.name, str(err)))
+            continue
+        result = _restore_into(manifest, state, tensors, wanted, strict, rng)
+        result.skipped = skipped
+        if skipped:
+            log.warning("restore: fell back to %s; skipped %s", manifest.name, ", ".join(n for n, _ in skipped))
+        log.info("restore %s: %s", manifest.name, result.fidelity)
+        return result
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_components(manifest: Manifest, state: Mapping[str, object], strict: bool, rng: bool) -> list[str]:
     saved_comps = manifest.components
     absent = [n for n in state if n not in saved_comps]
     if absent and strict:
@@ -325,14 +382,25 @@ def restore(
         if n in saved_comps and saved_comps[n].kind != kind_of(obj):
             raise StateMismatchError(n, f"saved as a {saved_comps[n].kind}, given a {kind_of(obj)}",
                                      "pass the same kind of object that was saved under this name")  # fmt: skip
-    wanted = [n for n in saved_comps if n in state or saved_comps[n].kind == "value" or (rng and n == RNG)]
-    tensors = load_tensors(r, manifest, wanted)
+    return [n for n in saved_comps if n in state or saved_comps[n].kind == "value" or (rng and n == RNG)]
+
+
+def _restore_into(
+    manifest: Manifest,
+    state: Mapping[str, object],
+    tensors: dict[str, dict[str, torch.Tensor]],
+    wanted: list[str],
+    strict: bool,
+    rng: bool,
+) -> RestoreResult:
+    saved_comps = manifest.components
 
     def saved(n: str) -> Saved:
         c = saved_comps[n]
         return Saved(c.kind, c.state, tensors[n], c.aliases, c.adapter, c.meta)
 
     result = RestoreResult(manifest)
+    issues = result.fidelity.issues
     names = param_names(state)
     for n in sorted((n for n in state if n in saved_comps), key=lambda n: _ORDER[saved_comps[n].kind]):
         obj = state[n]
@@ -345,15 +413,39 @@ def restore(
     for n in wanted:
         if saved_comps[n].kind == "value":
             result.values[n] = decode(saved_comps[n].state, tensors[n], n)
-    for n in absent:
-        result.reports[n] = LoadReport(n, missing=["(whole component)"])
+    for n in state:
+        if n not in saved_comps:
+            result.reports[n] = LoadReport(n, missing=["(whole component)"])
+            issues.append(f"{n!r} is not in the checkpoint and starts fresh")
+    for n, rep in result.reports.items():
+        if not rep.ok and n in saved_comps:
+            issues.append(f"{n!r} was restored partially ({rep})")
+    for n, c in saved_comps.items():
+        if n not in state and c.kind in ("model", "optimizer", "scheduler", "grad_scaler", "stateful"):
+            issues.append(f"the checkpoint's {c.kind} {n!r} was not restored (not passed in)")
     if rng and RNG in saved_comps:
-        result.warnings.extend(restore_rng(saved(RNG)))
+        issues.extend(restore_rng(saved(RNG)))
+        issues.extend(_determinism_issues(saved_comps[RNG].meta))
     elif rng:
-        result.warnings.append("checkpoint holds no RNG state; random streams are not resumed")
-    for w in result.warnings:
-        log.warning("restore %s: %s", manifest.name, w)
+        issues.append("checkpoint holds no RNG state: random streams (dropout, augmentation) start anew")
+    else:
+        issues.append("RNG not restored (rng=False)")
+    if not any(is_data_loader(obj) for obj in state.values()):
+        issues.append("no data-loader state captured: the resumed run does not know which batches it already saw "
+                      "(use ckptkit.data.ResumableLoader, LoaderPosition or torchdata's StatefulDataLoader)")
     return result
+
+
+def _determinism_issues(saved: Mapping[str, Any]) -> list[str]:
+    now = determinism_flags()
+    issues = []
+    if now["cudnn_benchmark"] or saved.get("cudnn_benchmark"):
+        issues.append("torch.backends.cudnn.benchmark is enabled: cuDNN picks algorithms by timing, so GPU results "
+                      "can differ from the uninterrupted run")  # fmt: skip
+    if (now["cuda"] or saved.get("cuda")) and not now["deterministic_algorithms"]:
+        issues.append("non-deterministic algorithms are enabled on CUDA: call "
+                      "torch.use_deterministic_algorithms(True) for a bit-exact resume")  # fmt: skip
+    return issues
 
 
 # --- verify and gc -------------------------------------------------------------------------------------------

@@ -233,7 +233,7 @@ def unpack(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
         raise CorruptObjectError(where, f"header of {hlen} bytes", f"{n - 8} bytes after the length")
     try:
         header = json.loads(bytes(buf[8 : 8 + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # ValueError: also too long an integer literal
         raise CorruptObjectError(where, "a JSON header", "unparseable bytes", str(err)) from err
     if not isinstance(header, dict):
         raise CorruptObjectError(where, "a JSON object header", type(header).__name__)
@@ -246,19 +246,22 @@ def unpack(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
             dtype = _TORCH_DTYPES[info["dtype"]]
             shape = [int(s) for s in info["shape"]]
             start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:  # OverflowError: int(inf)
             raise CorruptObjectError(where, "a valid tensor entry", repr(info)[:100], f"key {key!r}") from err
         numel = math.prod(shape)
         itemsize = torch.empty((), dtype=dtype).element_size()
         if min(shape, default=0) < 0 or not 0 <= start <= end <= n - base or end - start != numel * itemsize:
             raise CorruptObjectError(where, f"{numel * itemsize} bytes for {key!r}", f"offsets {start}..{end}")
-        if numel == 0:
-            out[key] = torch.empty(shape, dtype=dtype)
-        elif (base + start) % itemsize == 0:
-            out[key] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start).reshape(shape)
-        else:  # foreign layout: copy to an aligned buffer
-            raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=base + start).clone()
-            out[key] = raw.view(dtype).reshape(shape)
+        try:
+            if numel == 0:
+                out[key] = torch.empty(shape, dtype=dtype)
+            elif (base + start) % itemsize == 0:
+                out[key] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start).reshape(shape)
+            else:  # foreign layout: copy to an aligned buffer
+                raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=base + start).clone()
+                out[key] = raw.view(dtype).reshape(shape)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # e.g. shape [0, 2**70]
+            raise CorruptObjectError(where, f"a valid shape for {key!r}", str(shape)[:100], str(err)[:200]) from err
     return out
 
 

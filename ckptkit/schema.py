@@ -210,7 +210,10 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     # The id covers the bytes as stored (not the validated model re-dumped), so a later ckptkit that adds a
     # field with a default still verifies manifests written before the field existed.
     stored_id = data.get("id")
-    actual = manifest_id({k: v for k, v in data.items() if k != "id"})
+    try:
+        actual = manifest_id({k: v for k, v in data.items() if k != "id"})
+    except (ValueError, RecursionError) as err:  # 1e400 parses as inf; "\ud800" parses but cannot be UTF-8
+        raise ManifestError(where, f"not canonical JSON ({err})") from err
     if actual != stored_id:
         raise ManifestError(
             where,

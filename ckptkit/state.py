@@ -209,6 +209,15 @@ def _capture_optimizer(name: str, opt: torch.optim.Optimizer, names: dict[int, s
     return Captured(name, "optimizer", _qualname(opt), enc.json, enc.tensors, {k: "state" for k in enc.tensors})
 
 
+def determinism_flags() -> dict[str, Any]:
+    """The process's determinism settings (recorded with the RNG state; checked by the fidelity report)."""
+    return {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cuda": bool(torch.cuda.is_available() and torch.cuda.is_initialized()),  # type: ignore[no-untyped-call]
+    }
+
+
 def _capture_rng() -> Captured:
     rng: dict[str, Any] = {
         "python": random.getstate(),
@@ -218,7 +227,8 @@ def _capture_rng() -> Captured:
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         rng["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
     enc = encode(rng, RNG)
-    return Captured(RNG, "rng", "process", enc.json, enc.tensors, {k: "state" for k in enc.tensors})
+    meta = determinism_flags()
+    return Captured(RNG, "rng", "process", enc.json, enc.tensors, {k: "state" for k in enc.tensors}, meta=meta)
 
 
 # --- restore -------------------------------------------------------------------------------------------------

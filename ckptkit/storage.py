@@ -47,7 +47,10 @@ from ckptkit.format import hash_bytes
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STALE_AFTER = 6 * 3600.0
-"""Seconds after which a pending record or gc lock is taken to belong to a crashed process."""
+"""Seconds after which a pending record is taken to belong to a crashed save."""
+LOCK_STALE_AFTER = 900.0
+"""Seconds after which a gc lock that was not refreshed is taken to belong to a crashed gc (a running gc
+refreshes it every minute; a lock of a dead process on this host is stale at once)."""
 
 
 def check_name(name: str) -> str:
@@ -100,6 +103,7 @@ class Repository:
         self.fs: fsspec.AbstractFileSystem = fs
         self.root: str = root.rstrip("/") or "/"
         self.local = isinstance(fs, LocalFileSystem)
+        self._lock_time = time.monotonic()
         if self.local:
             self.root = os.path.abspath(self.root)
 
@@ -295,11 +299,20 @@ class Repository:
             self.fs.pipe_file(path, data)
 
     def _gc_lock_held(self) -> bool:
+        path = self._p("gc.lock")
         try:
-            info = self.fs.info(self._p("gc.lock"))
+            info = self.fs.info(path)
+            owner = json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return False
-        return time.time() - _mtime(info) < STALE_AFTER
+        except ValueError:
+            owner = {}  # unreadable lock: judge it by age alone
+        dead = owner.get("host") == socket.gethostname() and not _alive(owner.get("pid"))
+        if dead or time.time() - _mtime(info) > LOCK_STALE_AFTER:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)  # left by a gc that crashed or was killed
+            return False
+        return True
 
     def _pending_objects(self) -> set[str]:
         keep: set[str] = set()
@@ -328,12 +341,17 @@ class Repository:
         path = self._p("gc.lock")
         if self._gc_lock_held():
             raise RepositoryBusyError(f"another gc holds {path}; wait for it, or delete the file if it crashed")
-        self._put_small(path, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+        self._refresh_lock()
         try:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(path)
+
+    def _refresh_lock(self) -> None:
+        self._lock_time = time.monotonic()
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        self._put_small(self._p("gc.lock"), json.dumps(owner).encode())
 
     def sweep(self, referenced: set[str], dry_run: bool = False) -> GcReport:
         """Delete unreferenced objects and stale temporary files. Call inside :meth:`gc_lock`, with
@@ -347,6 +365,8 @@ class Repository:
                 continue
             removed += 1
             freed += size
+            if time.monotonic() - self._lock_time > 60:
+                self._refresh_lock()
             if not dry_run:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(self.object_path(h))
@@ -373,6 +393,18 @@ def _mtime(info: dict[str, Any]) -> float:
         with contextlib.suppress(TypeError, ValueError):
             return float(v)
     return 0.0
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _fsync_dir(path: str) -> None:

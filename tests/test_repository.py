@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -153,4 +154,25 @@ def test_save_waits_for_a_running_gc(repo_url: str) -> None:
 def test_second_gc_is_refused_while_one_runs(repo_url: str) -> None:
     repo = Repository(repo_url)
     with repo.gc_lock(), pytest.raises(RepositoryBusyError):
+        gc(repo_url)
+
+
+def test_a_gc_lock_left_by_a_killed_process_does_not_block_saves(repo_url: str) -> None:
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    repo = Repository(repo_url)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "time": time.time()}).encode()
+    repo.fs.makedirs(repo.root, exist_ok=True)
+    repo.fs.pipe_file(repo.root + "/gc.lock", lock)
+    start = time.monotonic()
+    ckptkit.save(repo_url, {"model": torch.nn.Linear(2, 2)}, "a")
+    assert time.monotonic() - start < 5
+    gc(repo_url)  # and a new gc may take the lock
+    # A live holder (this process) still blocks a second gc.
+    repo.fs.pipe_file(repo.root + "/gc.lock", json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+    with pytest.raises(RepositoryBusyError):
         gc(repo_url)
