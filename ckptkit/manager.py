@@ -25,11 +25,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from ckptkit.api import RestoreResult, checkpoints, commit_captured, gc, open_repository, restore
+from ckptkit.data import ResumableLoader, is_data_loader
 from ckptkit.errors import CheckpointNotFoundError, CkptkitError
+from ckptkit.files import file_hash, load_model_tensors, read_tensor_file, read_torch_file
 from ckptkit.format import DEFAULT_OBJECT_SIZE
+from ckptkit.schedule import PlannedLR, Policy
 from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, Relation
-from ckptkit.state import capture, check_targets
+from ckptkit.state import LoadReport, capture, check_targets
 from ckptkit.storage import check_name
 
 log = logging.getLogger("ckptkit")
@@ -96,6 +101,16 @@ class Retention:
         return min(scored, key=lambda m: (sign * (_score(m, self.metric) or 0.0), -m.progress.global_step))
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
 def _score(m: Manifest, metric: str | None) -> float | None:
     v = m.metrics.get(metric or "")
     return None if v is None or math.isnan(v) else v
@@ -115,6 +130,8 @@ class CheckpointManager:
         object_size: target size of stored objects.
         storage_options: passed to fsspec (credentials, endpoint); never stored.
         gc: delete objects that pruned checkpoints no longer reference.
+        data: the dataset this run trains on, recorded in the data manifest with the samples consumed
+            (from ``save(samples_seen=...)``).
     """
 
     def __init__(
@@ -130,6 +147,7 @@ class CheckpointManager:
         object_size: int = DEFAULT_OBJECT_SIZE,
         storage_options: dict[str, Any] | None = None,
         gc: bool = True,
+        data: DataSegment | None = None,
     ) -> None:
         check_targets(state)
         if every is not None and (not isinstance(every, int) or every < 1):
@@ -151,9 +169,14 @@ class CheckpointManager:
         self.rng = rng
         self.object_size = object_size
         self.gc = gc
+        if data is not None and not isinstance(data, DataSegment):
+            raise TypeError(f"data must be a ckptkit.schema.DataSegment, got {type(data).__name__}")
         self.run = uuid.uuid4().hex
         self.restored_from: str | None = None
+        self.segments: builtins.list[DataSegment] = [data] if data else []
+        self._segment_base = 0  # samples seen when the current data segment began
         self._parent: Parent | None = None
+        self._import: dict[str, Any] | None = None
         self._closed = False
 
     # --- reading -------------------------------------------------------------------------------------------
@@ -183,15 +206,138 @@ class CheckpointManager:
         """
         self._check_open()
         if name is None:
+            # The latest is found by restore() itself, so it can fall back past a corrupt one.
             target = self.best() if which == "best" else self.latest()
             if target is None:
                 return None
-            name = target.name
+            name = target.name if which == "best" else None
         result = restore(self.repo, self.state, name, strict=strict, rng=self.rng)
-        self.restored_from = result.manifest.name
-        self._parent = Parent(id=result.manifest.id, relation="resume", name=result.manifest.name)
-        log.info("restored %s (step %d) from %s", name, result.progress.global_step, self.repo.url)
+        m = result.manifest
+        self.restored_from = m.name
+        self._parent = Parent(id=m.id, relation="resume", name=m.name)
+        if m.data:
+            self.segments = list(m.data)
+            self._segment_base = m.progress.samples_seen - m.data[-1].samples_consumed
+        log.info("restored %s (step %d) from %s: %s", m.name, m.progress.global_step, self.repo.url, result.fidelity)
         return result
+
+    def continue_from(
+        self,
+        name: str | None = None,
+        *,
+        schedule: Policy | None = None,
+        total_steps: int | None = None,
+        warmup_steps: int = 0,
+        lr: float | None = None,
+        optimizer_hparams: Mapping[str, Any] | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        new_data: DataSegment | None = None,
+        strict: bool = True,
+    ) -> RestoreResult:
+        """Continue training from a checkpoint (the latest when ``name`` is None), with changes made explicit.
+
+        Restores the checkpoint, then applies the changes and records them: the next save's lineage edge is
+        ``continue``, with what changed. More epochs: a new ``total_steps`` with a ``schedule`` policy. New data
+        of the same problem: ``new_data=DataSegment(...)``; data-loader components then start at the beginning
+        of the new data instead of restoring their position. A changed batch size: build the loader with the
+        new size; its position is kept in samples. New optimizer hyperparameters: ``lr`` and
+        ``optimizer_hparams`` (applied to every param group).
+
+        Args:
+            schedule: re-plan a :class:`~ckptkit.schedule.PlannedLR` by ``"extend"``, ``"restart"`` or
+                ``"constant"`` up to ``total_steps``.
+            hparams: the run's new hyperparameters, recorded with their diff against the checkpoint's.
+
+        Raises:
+            CheckpointNotFoundError: nothing to continue from.
+            ValueError: a schedule policy without a ``PlannedLR`` to re-plan, or without ``total_steps``.
+        """
+        self._check_open()
+        if (schedule is None) != (total_steps is None):
+            raise ValueError("continue_from: give schedule= and total_steps= together (e.g. schedule='extend', "
+                             "total_steps=2000)")  # fmt: skip
+        planned = [o for o in self.state.values() if isinstance(o, PlannedLR)]
+        if schedule is not None and len(planned) != 1:
+            raise ValueError(
+                f"continue_from(schedule={schedule!r}) re-plans a ckptkit.schedule.PlannedLR, and the managed state "
+                f"has {len(planned)}; use PlannedLR, or build your new scheduler yourself and leave schedule=None"
+            )
+        if new_data is not None and not isinstance(new_data, DataSegment):
+            raise TypeError(f"new_data must be a ckptkit.schema.DataSegment, got {type(new_data).__name__}")
+        if name is None:
+            latest = self.latest()
+            if latest is None:
+                raise CheckpointNotFoundError(self.repo.url, None)
+            name = latest.name
+        saved_loaders = {n: o.state_dict() for n, o in self.state.items() if isinstance(o, ResumableLoader)}
+        targets = {n: o for n, o in self.state.items() if not (new_data is not None and is_data_loader(o))}
+        result = restore(self.repo, targets, name, strict=strict, rng=self.rng)
+        m = result.manifest
+        changes: dict[str, Any] = {}
+        opts = [o for o in self.state.values() if isinstance(o, torch.optim.Optimizer)]
+        updates = {**(optimizer_hparams or {}), **({"lr": lr} if lr is not None and schedule is None else {})}
+        for key, value in updates.items():
+            for opt in opts:
+                before = [g.get(key) for g in opt.param_groups]
+                for g in opt.param_groups:
+                    g[key] = value
+                changes[f"optimizer.{key}"] = [before[0] if len(set(map(repr, before))) == 1 else before, value]
+        if schedule is not None and total_steps is not None:
+            changes.update(planned[0].replan(schedule, total_steps, warmup_steps=warmup_steps, lr=lr))
+        for n, obj in self.state.items():
+            if isinstance(obj, ResumableLoader) and n in m.components and new_data is None:
+                old_bs = saved_loaders[n].get("batch_size")
+                if old_bs != obj.batch_size:
+                    changes[f"{n}.batch_size"] = [old_bs, obj.batch_size]
+        if hparams is not None:
+            new = dict(hparams)
+            diff = {k: [m.hparams.get(k), new.get(k)] for k in sorted(set(m.hparams) | set(new))
+                    if m.hparams.get(k) != new.get(k)}  # fmt: skip
+            changes["hparams"] = diff
+            self.hparams = new
+        else:
+            self.hparams = {**m.hparams, **self.hparams}
+        self.segments = list(m.data)
+        if new_data is not None:
+            self.segments.append(new_data)
+            self._segment_base = m.progress.samples_seen
+            changes["data_added"] = new_data.model_dump(mode="json")
+        elif m.data:
+            self._segment_base = m.progress.samples_seen - m.data[-1].samples_consumed
+        self.restored_from = m.name
+        self._parent = Parent(id=m.id, relation="continue", name=m.name, changes=_jsonable(changes))
+        log.info("continuing from %s (step %d): %s", m.name, m.progress.global_step, changes or "no changes")
+        return result
+
+    def start_from_files(
+        self, weights: str, optimizer: str | None = None, *, model: str | None = None, strict: bool = True
+    ) -> LoadReport:
+        """Start from bare files another tool wrote: a weights file and, optionally, an optimizer file.
+
+        ``weights`` is a ``.safetensors`` file or a torch file of tensors (read with
+        ``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped).
+        ``optimizer`` is a torch file of an optimizer ``state_dict()`` for the same parameters in the same order.
+        Nothing is unpickled beyond tensors and plain containers. The next save records lineage ``import``.
+        """
+        self._check_open()
+        models = {n: o for n, o in self.state.items() if isinstance(o, torch.nn.Module)}
+        if model is None and len(models) != 1:
+            raise ValueError(f"start_from_files: name the model component (model=...), the state has {list(models)}")
+        comp = model or next(iter(models))
+        if comp not in models:
+            raise ValueError(f"start_from_files: {comp!r} is not a model component of this manager")
+        tensors = read_tensor_file(weights)
+        report = load_model_tensors(comp, models[comp], tensors, strict)
+        source: dict[str, Any] = {"weights": weights, "weights_blake3": file_hash(weights)}
+        if optimizer is not None:
+            opts = [o for o in self.state.values() if isinstance(o, torch.optim.Optimizer)]
+            if len(opts) != 1:
+                raise ValueError(f"start_from_files(optimizer=...) needs one optimizer, the state has {len(opts)}")
+            opts[0].load_state_dict(read_torch_file(optimizer))
+            source.update(optimizer=optimizer, optimizer_blake3=file_hash(optimizer))
+        self._import = source
+        self._parent = None
+        return report
 
     # --- writing -------------------------------------------------------------------------------------------
 
@@ -221,8 +367,13 @@ class CheckpointManager:
         if not force and not self.should_save(step):
             return None
         name = check_name(name or self.name_format.format(step=step, epoch=epoch))
-        relation: Relation = self._parent.relation if self._parent else "init"
-        lineage = Lineage(relation=relation, parents=[self._parent] if self._parent else [], run=self.run)
+        relation: Relation = self._parent.relation if self._parent else ("import" if self._import else "init")
+        lineage = Lineage(relation=relation, parents=[self._parent] if self._parent else [], run=self.run,
+                          source=self._import)  # fmt: skip
+        if data is None and self.segments:
+            consumed = max(0, samples_seen - self._segment_base)
+            self.segments[-1] = self.segments[-1].model_copy(update={"samples_consumed": consumed})
+            data = self.segments
         manifest = commit_captured(
             self.repo,
             capture(self.state, rng=self.rng),
@@ -235,6 +386,7 @@ class CheckpointManager:
             object_size=self.object_size,
         )
         self._parent = Parent(id=manifest.id, relation="train", name=manifest.name)
+        self._import = None
         if self.retention is not None:
             self.prune()
         return manifest

@@ -123,6 +123,9 @@ class Lineage(_Strict):
     relation: Relation = "init"
     parents: list[Parent] = Field(default_factory=list)
     run: str | None = Field(default=None, description="id of the training run (one process lifetime)")
+    source: dict[str, JsonValue] | None = Field(
+        default=None, description="for relation 'import': the files or foreign checkpoint it came from"
+    )
 
 
 class ObjectInfo(_Strict):
