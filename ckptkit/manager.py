@@ -269,7 +269,6 @@ class CheckpointManager:
             if latest is None:
                 raise CheckpointNotFoundError(self.repo.url, None)
             name = latest.name
-        saved_loaders = {n: o.state_dict() for n, o in self.state.items() if isinstance(o, ResumableLoader)}
         targets = {n: o for n, o in self.state.items() if not (new_data is not None and is_data_loader(o))}
         result = restore(self.repo, targets, name, strict=strict, rng=self.rng)
         m = result.manifest
@@ -285,8 +284,9 @@ class CheckpointManager:
         if schedule is not None and total_steps is not None:
             changes.update(planned[0].replan(schedule, total_steps, warmup_steps=warmup_steps, lr=lr))
         for n, obj in self.state.items():
-            if isinstance(obj, ResumableLoader) and n in m.components and new_data is None:
-                old_bs = saved_loaders[n].get("batch_size")
+            saved_state = m.components[n].state if n in m.components else None
+            if isinstance(obj, ResumableLoader) and isinstance(saved_state, dict) and new_data is None:
+                old_bs = saved_state.get("batch_size")
                 if old_bs != obj.batch_size:
                     changes[f"{n}.batch_size"] = [old_bs, obj.batch_size]
         if hparams is not None:
