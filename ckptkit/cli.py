@@ -59,12 +59,18 @@ def ls_cmd(url: str, options: tuple[str, ...], as_json: bool) -> None:
         return
     table = Table(title=f"{len(found)} checkpoint(s) in {url}")
     for col in ("name", "step", "epoch", "created", "size", "metrics", "id"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("name", "created", "id"))
     for m in found:
         r = _row(m)
-        table.add_row(r["name"], str(r["step"]), str(r["epoch"]), r["created"][:19], _size(r["bytes"]),
+        table.add_row(r["name"], str(r["step"]), str(r["epoch"]), m.created_at.strftime("%m-%d %H:%M:%S"),
+                      _size(r["bytes"]),
                       " ".join(f"{k}={v:.4g}" for k, v in m.metrics.items()), r["id"][:12])  # fmt: skip
-    Console().print(table)
+    _console().print(table)
+
+
+def _console() -> Console:
+    # Not a terminal (a pipe, a log): wide enough that names and ids are never folded.
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _row(m: Manifest) -> dict[str, Any]:
@@ -84,7 +90,7 @@ def show_cmd(url: str, name: str | None, options: tuple[str, ...], as_json: bool
     if as_json:
         click.echo(m.model_dump_json(indent=2))
         return
-    con = Console()
+    con = _console()
     head = Table(title=f"checkpoint {m.name}", show_header=False)
     head.add_column("field")
     head.add_column("value")

@@ -13,25 +13,42 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 
 import ckptkit
 from ckptkit.api import checkpoints, restore, verify
+from ckptkit.data import ResumableLoader
+from ckptkit.schedule import PlannedLR
 
 DATASET = 512
 BATCH = 32
 
 
-def build(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The demo's model, optimizer and schedule (same seed, same initial weights)."""
+def build(seed: int = 0, steps: int = 60, batch: int = BATCH) -> dict[str, Any]:
+    """The demo's state: model, optimizer, warmup+cosine schedule and a resumable loader (same seed, same run)."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 1)
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=200)
-    return model, opt, sched
+    sched = PlannedLR(opt, total_steps=steps, warmup_steps=5, min_lr_ratio=0.05)
+    loader = ResumableLoader(Noisy(*data()), batch, seed=1)
+    return {"model": model, "optimizer": opt, "scheduler": sched, "loader": loader}
+
+
+class Noisy(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Samples with random augmentation (noise), drawn from the RNG ckptkit seeds per sample."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + 0.05 * torch.randn(16), self.y[i]
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,31 +58,36 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def loop(state: dict[str, Any], mgr: ckptkit.CheckpointManager, step: int, steps: int, delay: float) -> int:
+    """A plain training loop; the only ckptkit line is ``mgr.save``."""
+    model, opt, sched, loader = state["model"], state["optimizer"], state["scheduler"], state["loader"]
+    while step < steps:
+        for x, y in loader:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+            step += 1
+            mgr.save(step, epoch=loader.epoch, step_in_epoch=loader.batches_in_epoch,
+                     samples_seen=step * loader.batch_size, metrics={"loss": loss.item()},
+                     force=step == steps)  # fmt: skip
+            time.sleep(delay)
+            if step >= steps:
+                break
+    return step
+
+
 def train(url: str, steps: int, every: int, delay: float) -> None:
-    """The worker: a plain loop plus ckptkit's few lines (manager, restore, save)."""
-    model, opt, sched = build()
-    x, y = data()
-    per_epoch = DATASET // BATCH
-    mgr = ckptkit.CheckpointManager(url, {"model": model, "optimizer": opt, "scheduler": sched},
-                                    every=every, retention=ckptkit.Retention(keep_last=3),
+    """The worker: build, restore if there is anything to restore, train, save every ``every`` steps."""
+    state = build(steps=steps)
+    mgr = ckptkit.CheckpointManager(url, state, every=every, retention=ckptkit.Retention(keep_last=3),
                                     hparams={"lr": 3e-3, "batch_size": BATCH})  # fmt: skip
     resumed = mgr.restore()  # None on a fresh run
     start = resumed.progress.global_step if resumed else 0
     if resumed:
-        print(f"worker: resumed from {resumed.manifest.name} at step {start}", flush=True)
-    for step in range(start + 1, steps + 1):
-        epoch, pos = divmod(step - 1, per_epoch)
-        # Data order depends only on (seed, epoch), so a resumed run reads the same batches.
-        order = torch.randperm(DATASET, generator=torch.Generator().manual_seed(epoch))
-        idx = order[pos * BATCH : (pos + 1) * BATCH]
-        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
-        sched.step()
-        mgr.save(step, epoch=epoch, step_in_epoch=pos + 1, samples_seen=step * BATCH,
-                 metrics={"loss": loss.item()}, force=step == steps)  # fmt: skip
-        time.sleep(delay)
+        print(f"worker: resumed from {resumed.manifest.name} at step {start} ({resumed.fidelity})", flush=True)
+    loop(state, mgr, start, steps, delay)
     mgr.close()
     print(f"worker: finished step {steps}", flush=True)
 
@@ -106,19 +128,35 @@ def run_demo(base: str, steps: int = 60) -> int:
     got = _final(run_url)
     exact = all(torch.equal(ref[k], got[k]) for k in ref) and ref.keys() == got.keys()
     print(f"   {len(ref)} tensors, bit-exact: {'yes' if exact else 'NO'}")
+    print("5. continue the finished run: 20 more steps, batch size 32 -> 64, LR schedule 'restart' (a new warmup "
+          "and decay; 'extend' would hold the finished schedule's final LR)")
+    state = build(steps=steps, batch=2 * BATCH)
+    mgr = ckptkit.CheckpointManager(run_url, state, hparams={"lr": 3e-3, "batch_size": 2 * BATCH})
+    res = mgr.continue_from(schedule="restart", total_steps=steps + 20, warmup_steps=4,
+                            hparams={"lr": 3e-3, "batch_size": 2 * BATCH})  # fmt: skip
+    sched = state["scheduler"]
+    end = loop(state, mgr, res.progress.global_step, steps + 20, 0.0)
+    lrs = ", ".join(f"{sched.lr_at(s):.1e}" for s in (steps, steps + 3, steps + 10, end))
+    print(f"   LR at steps {steps}, {steps + 3}, {steps + 10}, {end}: {lrs} (restored at {sched.lr_at(steps - 1):.1e})")
+    edge = next(m for m in mgr.list() if m.lineage.relation == "continue").lineage.parents[0]
+    print(f"   lineage: continue from {edge.name}, changes: {', '.join(sorted(edge.changes))}")
     bad = [r for r in verify(run_url) if not r.ok]
-    print(f"5. verify {run_url}: {bad if bad else 'ok'}")
+    print(f"6. verify {run_url}: {bad if bad else 'ok'}")
     print(f"   see it yourself: ckptkit ls {run_url}   |   ckptkit show {run_url}")
     return 0 if exact and not bad else 1
 
 
 def _final(url: str) -> dict[str, torch.Tensor]:
-    model, opt, sched = build(seed=99)  # different init: everything must come from the checkpoint
-    restore(url, {"model": model, "optimizer": opt, "scheduler": sched}, rng=False)
-    out = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for i, s in opt.state_dict()["state"].items():
+    state = build(seed=99)  # different init: everything must come from the checkpoint
+    restore(url, state, "step-%08d" % _final_step(url), rng=False)
+    out = {f"model.{k}": v for k, v in state["model"].state_dict().items()}
+    for i, s in state["optimizer"].state_dict()["state"].items():
         out.update({f"opt.{i}.{k}": v for k, v in s.items()})
     return out
+
+
+def _final_step(url: str) -> int:
+    return max(m.progress.global_step for m in checkpoints(url))
 
 
 if __name__ == "__main__":

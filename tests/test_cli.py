@@ -70,3 +70,4 @@ def test_demo_kills_resumes_and_matches_the_uninterrupted_run(tmp_path: Path) ->
     assert "killed (exit -9)" in proc.stdout
     assert "worker: resumed from step-" in proc.stdout
     assert "bit-exact: yes" in proc.stdout
+    assert "(exact)" in proc.stdout and "lineage: continue from step-00000040" in proc.stdout
