@@ -148,7 +148,7 @@ def run_demo(base: str, steps: int = 60) -> int:
 
 def _final(url: str) -> dict[str, torch.Tensor]:
     state = build(seed=99)  # different init: everything must come from the checkpoint
-    restore(url, state, "step-%08d" % _final_step(url), rng=False)
+    restore(url, state, f"step-{_final_step(url):08d}", rng=False)
     out = {f"model.{k}": v for k, v in state["model"].state_dict().items()}
     for i, s in state["optimizer"].state_dict()["state"].items():
         out.update({f"opt.{i}.{k}": v for k, v in s.items()})

@@ -79,8 +79,9 @@ class Learner:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
         self.loader = ResumableLoader(self.data, batch_size, seed=0)
         self.sched = PlannedLR(self.opt, total_steps=10 * len(self.loader), warmup_steps=2)
-        self.mgr = ckptkit.CheckpointManager(url, {"pca": self.pca, "model": self.model, "optimizer": self.opt,
-                                                   "scheduler": self.sched, "loader": self.loader}, every=10)  # fmt: skip
+        state = {"pca": self.pca, "model": self.model, "optimizer": self.opt, "scheduler": self.sched,
+                 "loader": self.loader}  # fmt: skip
+        self.mgr = ckptkit.CheckpointManager(url, state, every=10)
         self.step = 0
         self.samples = 0
 
@@ -95,8 +96,10 @@ class Learner:
                 self.sched.step()
                 self.step += 1
                 self.samples += len(x)
-                self.mgr.save(self.step, epoch=self.loader.epoch, samples_seen=self.samples, metrics={"loss": loss.item()})
-        self.mgr.save(self.step, epoch=self.loader.epoch, samples_seen=self.samples, force=True, name=f"epochs-{epochs}")
+                self.mgr.save(self.step, epoch=self.loader.epoch, samples_seen=self.samples,
+                              metrics={"loss": loss.item()})  # fmt: skip
+        self.mgr.save(self.step, epoch=self.loader.epoch, samples_seen=self.samples, force=True,
+                      name=f"epochs-{epochs}")  # fmt: skip
         return loss.item()
 
     def adopt(self, result: Any) -> None:
