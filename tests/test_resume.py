@@ -77,10 +77,6 @@ KILLS = [("after", 3), ("after", 10), ("in_save", 13)]  # mid-epoch, at an epoch
     ],
 )
 def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, model: str, loader: str, kills: list[Any]) -> None:
-    if model != "mlp":
-        pytest.importorskip({"bert": "transformers", "timm": "timm"}[model])
-    if loader == "stateful":
-        pytest.importorskip("torchdata.stateful_dataloader")
     ref_url, url = str(tmp_path / "reference"), str(tmp_path / "interrupted")
     _run(ref_url, model, loader)
     for kill in kills:
