@@ -180,7 +180,14 @@ def build_manifest(**fields: Any) -> Manifest:
         draft = Manifest.model_validate(fields)
     except ValidationError as err:
         raise ManifestError(f"for {fields.get('name')!r}", _short(err)) from err
-    return draft.model_copy(update={"id": manifest_id(draft.payload())})
+    try:
+        return draft.model_copy(update={"id": manifest_id(draft.payload())})
+    except (ValueError, UnicodeEncodeError) as err:  # inf in hparams, a lone surrogate in a string, ...
+        raise ManifestError(
+            f"for {fields.get('name')!r}",
+            f"a value cannot be written as standard JSON ({err}); hparams and data entries must be JSON-able "
+            "(write inf or nan as a string)",
+        ) from err
 
 
 def dump_manifest(manifest: Manifest) -> bytes:

@@ -338,3 +338,12 @@ def test_save_refuses_bad_arguments(repo_url: str) -> None:
         ckptkit.save(repo_url, [torch.nn.Linear(1, 1)], "a")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="object_size"):
         ckptkit.save(repo_url, {}, "a", object_size=0)
+
+
+def test_hparams_that_json_cannot_hold_are_a_typed_error(repo_url: str) -> None:
+    from ckptkit.errors import ManifestError
+
+    for bad in ({"x": float("inf")}, {"x": "\ud800"}):
+        with pytest.raises(ManifestError, match="standard JSON"):
+            ckptkit.save(repo_url, {}, "a", hparams=bad)
+    assert Repository(repo_url).list() == []
