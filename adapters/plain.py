@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from pydantic import JsonValue
+from safetensors.torch import save_file
 
 
 class PlainModuleAdapter:
@@ -20,3 +23,12 @@ class PlainModuleAdapter:
 
     def restore(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         model.load_state_dict(tensors, strict=False)
+
+    def heads(self, model: torch.nn.Module) -> list[str]:
+        return []  # a plain module has no declared task head
+
+    def export(self, tensors: dict[str, torch.Tensor], meta: dict[str, JsonValue], dest: str) -> list[str]:
+        os.makedirs(dest, exist_ok=True)
+        path = os.path.join(dest, "model.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+        return [path]

@@ -34,10 +34,22 @@ class ModelAdapter(Protocol):
         """Copy ``tensors`` (already checked against the model's keys and shapes) into ``model``."""
         ...
 
+    def heads(self, model: torch.nn.Module) -> list[str]:
+        """Module paths of the task heads (what a transfer to a new task re-initialises)."""
+        ...
+
+    def export(self, tensors: dict[str, torch.Tensor], meta: dict[str, JsonValue], dest: str) -> list[str]:
+        """Write the model in its framework's own format into the folder ``dest``; return the files written."""
+        ...
+
 
 # name -> "module:attribute"; checked in order, the first whose can_handle() accepts the model wins.
 # Framework adapters register before the plain fallback.
 _REGISTRY: dict[str, str] = {
+    "hf": "ckptkit.adapters.hf:HFAdapter",
+    "timm": "ckptkit.adapters.timm:TimmAdapter",
+    "torchvision-detection": "ckptkit.adapters.detection:TorchvisionDetectionAdapter",
+    "fusion": "ckptkit.adapters.fusion:FusionAdapter",
     "plain": "ckptkit.adapters.plain:PlainModuleAdapter",
 }
 _FALLBACK = "plain"
@@ -67,6 +79,11 @@ def get_adapter(name: str) -> ModelAdapter:
     if not isinstance(adapter, ModelAdapter):
         raise CkptkitError(f"{target} does not implement the ModelAdapter protocol")
     return adapter
+
+
+def registered() -> list[str]:
+    """Names of the registered adapters, in the order they are tried."""
+    return list(_REGISTRY)
 
 
 def find_adapter(model: torch.nn.Module) -> ModelAdapter:

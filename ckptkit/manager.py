@@ -36,6 +36,7 @@ from ckptkit.schedule import PlannedLR, Policy
 from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, Relation
 from ckptkit.state import LoadReport, capture, check_targets
 from ckptkit.storage import check_name
+from ckptkit.transfer import TransferPlan, transfer
 
 log = logging.getLogger("ckptkit")
 
@@ -175,8 +176,9 @@ class CheckpointManager:
         self.restored_from: str | None = None
         self.segments: builtins.list[DataSegment] = [data] if data else []
         self._segment_base = 0  # samples seen when the current data segment began
-        self._parent: Parent | None = None
-        self._import: dict[str, Any] | None = None
+        self._parents: builtins.list[Parent] = []
+        self._relation: Relation = "init"
+        self._source: dict[str, Any] | None = None
         self._closed = False
 
     # --- reading -------------------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ class CheckpointManager:
         result = restore(self.repo, self.state, name, strict=strict, rng=self.rng)
         m = result.manifest
         self.restored_from = m.name
-        self._parent = Parent(id=m.id, relation="resume", name=m.name)
+        self._set_lineage("resume", [Parent(id=m.id, relation="resume", name=m.name)])
         if m.data:
             self.segments = list(m.data)
             self._segment_base = m.progress.samples_seen - m.data[-1].samples_consumed
@@ -305,7 +307,7 @@ class CheckpointManager:
         elif m.data:
             self._segment_base = m.progress.samples_seen - m.data[-1].samples_consumed
         self.restored_from = m.name
-        self._parent = Parent(id=m.id, relation="continue", name=m.name, changes=_jsonable(changes))
+        self._set_lineage("continue", [Parent(id=m.id, relation="continue", name=m.name, changes=_jsonable(changes))])
         log.info("continuing from %s (step %d): %s", m.name, m.progress.global_step, changes or "no changes")
         return result
 
@@ -335,9 +337,54 @@ class CheckpointManager:
                 raise ValueError(f"start_from_files(optimizer=...) needs one optimizer, the state has {len(opts)}")
             opts[0].load_state_dict(read_torch_file(optimizer))
             source.update(optimizer=optimizer, optimizer_blake3=file_hash(optimizer))
-        self._import = source
-        self._parent = None
+        self._set_lineage("import", [], source)
         return report
+
+    def transfer_from(
+        self,
+        source: str,
+        *,
+        name: str | None = None,
+        component: str | None = None,
+        model: str | None = None,
+        include: builtins.list[str] | None = None,
+        exclude: builtins.list[str] | None = None,
+        key_map: Mapping[str, str] | None = None,
+        reset_heads: bool = False,
+        strict: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> TransferPlan:
+        """Load what fits from another checkpoint (or exported folder) into a managed model; see
+        :func:`ckptkit.transfer`. The next save's lineage is ``transfer``, with the per-tensor plan; several
+        calls before a save (the branches of a fusion model) become several parents."""
+        self._check_open()
+        models = {n: o for n, o in self.state.items() if isinstance(o, torch.nn.Module)}
+        if model is None and len(models) != 1:
+            raise ValueError(f"transfer_from: name the target model (model=...), the state has {list(models)}")
+        comp = model or next(iter(models))
+        if comp not in models:
+            raise ValueError(f"transfer_from: {comp!r} is not a model component of this manager")
+        plan = transfer(
+            source, models[comp], name=name, component=component, include=include, exclude=exclude,
+            key_map=key_map, reset_heads=reset_heads, strict=strict, storage_options=storage_options,
+        )  # fmt: skip
+        changes = _jsonable({"into": comp, "plan": plan.to_json(), "warnings": plan.warnings})
+        parents = self._parents if self._relation == "transfer" else []
+        if plan.source_id is not None:
+            url = plan.source_url if plan.source_url and plan.source_url != self.repo.url else None
+            parent = Parent(id=plan.source_id, relation="transfer", name=plan.source_name, url=url, changes=changes)
+            self._set_lineage("transfer", [*parents, parent], self._source if parents else None)
+        else:  # a foreign folder or file: no checkpoint id to chain to; recorded as the source
+            sources = list((self._source or {}).get("transfers", [])) if parents or self._relation == "transfer" else []
+            self._set_lineage("transfer", parents, {"transfers": [*sources, {"path": source, **changes}]})
+        for w in plan.warnings:
+            log.warning("%s", w)
+        return plan
+
+    def _set_lineage(
+        self, relation: Relation, parents: builtins.list[Parent], source: dict[str, Any] | None = None
+    ) -> None:
+        self._relation, self._parents, self._source = relation, parents, source
 
     # --- writing -------------------------------------------------------------------------------------------
 
@@ -367,9 +414,7 @@ class CheckpointManager:
         if not force and not self.should_save(step):
             return None
         name = check_name(name or self.name_format.format(step=step, epoch=epoch))
-        relation: Relation = self._parent.relation if self._parent else ("import" if self._import else "init")
-        lineage = Lineage(relation=relation, parents=[self._parent] if self._parent else [], run=self.run,
-                          source=self._import)  # fmt: skip
+        lineage = Lineage(relation=self._relation, parents=self._parents, run=self.run, source=self._source)
         if data is None and self.segments:
             consumed = max(0, samples_seen - self._segment_base)
             self.segments[-1] = self.segments[-1].model_copy(update={"samples_consumed": consumed})
@@ -385,8 +430,7 @@ class CheckpointManager:
             lineage=lineage,
             object_size=self.object_size,
         )
-        self._parent = Parent(id=manifest.id, relation="train", name=manifest.name)
-        self._import = None
+        self._set_lineage("train", [Parent(id=manifest.id, relation="train", name=manifest.name)])
         if self.retention is not None:
             self.prune()
         return manifest

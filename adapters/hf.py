@@ -1,0 +1,90 @@
+"""HF transformers models (text models, and the DETR / RT-DETR / YOLOS object-detection families).
+
+Records the config and model class, so a checkpoint can be exported as a folder that
+``AutoModel*.from_pretrained(folder)`` loads, without the training code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from pydantic import JsonValue
+
+_HEAD_NAMES = ("classifier", "score", "qa_outputs", "class_labels_classifier")
+
+
+def _is_hf(model: torch.nn.Module) -> bool:
+    mro = type(model).__mro__
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in mro)
+
+
+class HFAdapter:
+    """``transformers.PreTrainedModel``: the state dict plus the config and the model class."""
+
+    name = "hf"
+
+    def can_handle(self, model: torch.nn.Module) -> bool:
+        return _is_hf(model)  # checks the class hierarchy by name: transformers is not imported here
+
+    def capture(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, JsonValue]]:
+        config: Any = getattr(model, "config")  # noqa: B009 - PreTrainedModel always has one
+        import transformers
+
+        meta: dict[str, JsonValue] = {
+            "framework": "transformers",
+            "transformers_version": transformers.__version__,
+            "class": type(model).__name__,
+            "config": json.loads(config.to_json_string(use_diff=False)),
+        }
+        if getattr(config, "id2label", None):
+            meta["labels"] = {str(k): str(v) for k, v in config.id2label.items()}
+        return dict(model.state_dict()), meta
+
+    def restore(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(tensors, strict=False)
+
+    def heads(self, model: torch.nn.Module) -> list[str]:
+        """Task heads: the usual head modules, and any layer whose output size is the label count (a detection
+        model's class heads), never the box regression heads."""
+        config: Any = getattr(model, "config", None)
+        labels = int(getattr(config, "num_labels", 0) or 0)
+        sizes = {labels, labels + 1} if labels else set()
+        found: list[str] = []
+        for name, mod in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            by_name = leaf in _HEAD_NAMES and type(model).__name__ != type(mod).__name__
+            by_size = (isinstance(mod, torch.nn.Linear) and mod.out_features in sizes) or (
+                isinstance(mod, torch.nn.Embedding) and mod.num_embeddings in sizes and "class" in leaf
+            )  # an embedding counts only as a class embedding (RT-DETR's denoising_class_embed), not token types
+            is_box = "bbox" in name or "box" in leaf  # box regression: 4 outputs whatever the labels
+            head = name and not is_box and (by_name or (by_size and "For" in type(model).__name__))
+            if head and not any(name.startswith(f + ".") for f in found):
+                found.append(name)
+        return found
+
+    def rebuild(self, meta: dict[str, JsonValue]) -> torch.nn.Module:
+        """The model class built from the recorded config, with fresh weights (to load a checkpoint into)."""
+        import transformers
+
+        cfg: dict[str, Any] = dict(meta["config"])  # type: ignore[arg-type]
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        cls = getattr(transformers, str(meta["class"]), None)
+        if cls is None:
+            raise ValueError(f"transformers {transformers.__version__} has no class {meta['class']!r}")
+        return cls(config)  # type: ignore[no-any-return]
+
+    def export(self, tensors: dict[str, torch.Tensor], meta: dict[str, JsonValue], dest: str) -> list[str]:
+        """A ``save_pretrained`` folder written by transformers itself (config.json + model.safetensors)."""
+        model: Any = self.rebuild(meta)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        really_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+        if really_missing or unexpected:
+            raise ValueError(f"checkpoint does not fit {meta['class']}: missing {really_missing[:5]}, "
+                             f"unexpected {list(unexpected)[:5]}")  # fmt: skip
+        os.makedirs(dest, exist_ok=True)
+        model.save_pretrained(dest)
+        return sorted(os.path.join(dest, f) for f in os.listdir(dest))

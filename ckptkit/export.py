@@ -1,0 +1,53 @@
+"""Export a checkpoint's model to its framework's own format (HF folder, timm file, torchvision state dict)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ckptkit.adapter import get_adapter
+from ckptkit.api import inspect, load_tensors, open_repository
+from ckptkit.errors import CkptkitError
+
+PROVENANCE = "ckptkit.json"
+"""Written beside the exported files: which checkpoint they came from (read back by import and lineage)."""
+
+
+def export(
+    repo: str,
+    dest: str,
+    name: str | None = None,
+    *,
+    component: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Write checkpoint ``name``'s model (the latest by default) into the folder ``dest`` in its framework's format.
+
+    HF models become a ``save_pretrained`` folder (``AutoModel*.from_pretrained(dest)`` loads it), timm models a
+    ``model.safetensors`` that ``timm.create_model(arch, pretrained=True,
+    pretrained_cfg_overlay=dict(file=...))`` loads, torchvision detectors a ``model.pth`` state dict, fusion
+    models one folder per branch. Returns the files written.
+
+    Example:
+        >>> import torch, ckptkit, tempfile
+        >>> _ = ckptkit.save("memory://doc-export", {"model": torch.nn.Linear(2, 2)}, "a")
+        >>> [f.rsplit("/", 1)[1] for f in ckptkit.export("memory://doc-export", tempfile.mkdtemp())]
+        ['model.safetensors', 'ckptkit.json']
+    """
+    r = open_repository(repo, storage_options)
+    m = inspect(r, name)
+    models = [n for n, c in m.components.items() if c.kind == "model"]
+    comp = component or (models[0] if len(models) == 1 else None)
+    if comp is None or comp not in models:
+        raise CkptkitError(f"checkpoint {m.name} has model components {models}: pass component=<one of them>")
+    c = m.components[comp]
+    tensors = load_tensors(r, m, [comp])[comp]
+    if os.path.exists(dest) and os.listdir(dest):
+        raise FileExistsError(f"export destination {dest} is not empty: choose a new folder")
+    written = get_adapter(c.adapter or "plain").export(tensors, dict(c.meta), dest)
+    prov = os.path.join(dest, PROVENANCE)
+    with open(prov, "w") as f:
+        json.dump({"checkpoint": m.id, "name": m.name, "url": r.url, "component": comp, "adapter": c.adapter}, f,
+                  indent=2)  # fmt: skip
+    return [*written, prov]
