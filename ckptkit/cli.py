@@ -164,6 +164,20 @@ def gc_cmd(url: str, options: tuple[str, ...], dry_run: bool) -> None:
                f"{verb} {rep.temp_files_removed} stale temporary file(s)")  # fmt: skip
 
 
+@main.command("export")
+@click.argument("url")
+@click.argument("dest")
+@click.argument("name", required=False)
+@click.option("--component", help="model component to export (when the checkpoint holds several)")
+@_opt
+def export_cmd(url: str, dest: str, name: str | None, component: str | None, options: tuple[str, ...]) -> None:
+    """Export checkpoint NAME's model (default: the latest) to DEST in its framework's format."""
+    from ckptkit.export import export
+
+    for f in export(url, dest, name, component=component, storage_options=_options(options)):
+        click.echo(f)
+
+
 @main.command("schema")
 def schema_cmd() -> None:
     """Print the JSON schema of the manifest (published as docs/manifest.schema.json)."""

@@ -140,8 +140,21 @@ def run_demo(base: str, steps: int = 60) -> int:
     print(f"   LR at steps {steps}, {steps + 3}, {steps + 10}, {end}: {lrs} (restored at {sched.lr_at(steps - 1):.1e})")
     edge = next(m for m in mgr.list() if m.lineage.relation == "continue").lineage.parents[0]
     print(f"   lineage: continue from {edge.name}, changes: {', '.join(sorted(edge.changes))}")
+    print("6. transfer: the regression model's body into a 3-class classifier (a new head)")
+    cls_url = f"{base.rstrip('/')}/classifier-{stamp}"
+    torch.manual_seed(7)
+    classifier = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 3)
+    )
+    cmgr = ckptkit.CheckpointManager(cls_url, {"model": classifier})
+    plan = cmgr.transfer_from(run_url)
+    for key, p in plan.tensors.items():
+        print(f"   {key:10s} {p.action:13s} {list(p.source_shape or [])} -> {list(p.target_shape)}")
+    saved = cmgr.save(0, force=True)
+    assert saved is not None
+    print(f"   {cls_url}: lineage {saved.lineage.relation} from {saved.lineage.parents[0].name} ({run_url})")
     bad = [r for r in verify(run_url) if not r.ok]
-    print(f"6. verify {run_url}: {bad if bad else 'ok'}")
+    print(f"7. verify {run_url}: {bad if bad else 'ok'}")
     print(f"   see it yourself: ckptkit ls {run_url}   |   ckptkit show {run_url}")
     return 0 if exact and not bad else 1
 

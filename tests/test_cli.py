@@ -71,3 +71,11 @@ def test_demo_kills_resumes_and_matches_the_uninterrupted_run(tmp_path: Path) ->
     assert "worker: resumed from step-" in proc.stdout
     assert "bit-exact: yes" in proc.stdout
     assert "(exact)" in proc.stdout and "lineage: continue from step-00000040" in proc.stdout
+    assert "3.weight   reinit_shape  [1, 64] -> [3, 64]" in proc.stdout and "lineage transfer from" in proc.stdout
+
+
+def test_export_command_writes_the_framework_files(tmp_path: Path) -> None:
+    url = _repo(tmp_path)
+    out = CliRunner().invoke(main, ["export", url, str(tmp_path / "exported"), "step-10"])
+    assert out.exit_code == 0, out.output
+    assert "model.safetensors" in out.output and (tmp_path / "exported" / "ckptkit.json").exists()
