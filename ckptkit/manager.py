@@ -17,10 +17,16 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import builtins
+import concurrent.futures
+import functools
 import logging
 import math
+import queue
+import threading
 import uuid
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,6 +40,7 @@ from ckptkit.files import file_hash, load_model_tensors, read_tensor_file, read_
 from ckptkit.format import DEFAULT_OBJECT_SIZE
 from ckptkit.schedule import PlannedLR, Policy
 from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, Relation
+from ckptkit.snapshot import Snapshotter
 from ckptkit.state import LoadReport, capture, check_targets
 from ckptkit.storage import check_name
 from ckptkit.transfer import TransferPlan, transfer
@@ -102,6 +109,49 @@ class Retention:
         return min(scored, key=lambda m: (sign * (_score(m, self.metric) or 0.0), -m.progress.global_step))
 
 
+class _Writer:
+    """One background thread that runs save jobs in order. A daemon thread, so that interpreter exit reaches
+    the atexit hook below, which waits for the pending commit and says so."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ckptkit-save", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as err:
+                    future.set_exception(err)
+
+    def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.put((future, functools.partial(fn, *args)))
+        return future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+_LIVE: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_pending_saves() -> None:
+    """At interpreter exit, commit what async saves are still writing (never leave the last one behind)."""
+    for mgr in list(_LIVE):
+        if mgr._inflight is not None and not mgr._inflight.done():
+            log.warning("waiting for the checkpoint being written to %s before exiting", mgr.repo.url)
+        try:
+            mgr.close()
+        except Exception as err:
+            log.error("async save to %s failed at exit: %s", mgr.repo.url, err)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -133,6 +183,11 @@ class CheckpointManager:
         gc: delete objects that pruned checkpoints no longer reference.
         data: the dataset this run trains on, recorded in the data manifest with the samples consumed
             (from ``save(samples_seen=...)``).
+        async_save: ``save`` returns once the state is copied to host memory (reused buffers, pinned for GPU
+            tensors) and a background thread writes and commits; ``save`` then returns None and
+            :meth:`wait` returns the committed manifest. At most one save is in flight; an error in the
+            background is raised by the next ``save``, ``wait`` or ``close``; interpreter exit waits for the
+            pending commit.
     """
 
     def __init__(
@@ -149,6 +204,7 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         gc: bool = True,
         data: DataSegment | None = None,
+        async_save: bool = False,
     ) -> None:
         check_targets(state)
         if every is not None and (not isinstance(every, int) or every < 1):
@@ -176,6 +232,11 @@ class CheckpointManager:
         self.restored_from: str | None = None
         self.segments: builtins.list[DataSegment] = [data] if data else []
         self._segment_base = 0  # samples seen when the current data segment began
+        self.async_save = bool(async_save)
+        self._snapshots = Snapshotter() if async_save else None
+        self._writer: _Writer | None = None
+        self._inflight: concurrent.futures.Future[Manifest] | None = None
+        self._last: Manifest | None = None
         self._parents: builtins.list[Parent] = []
         self._relation: Relation = "init"
         self._source: dict[str, Any] | None = None
@@ -406,7 +467,8 @@ class CheckpointManager:
     ) -> Manifest | None:
         """Save a checkpoint if ``step`` is due (or ``force``); then apply retention.
 
-        Returns the committed manifest, or None when the step was not due.
+        Returns the committed manifest, or None when the step was not due. With ``async_save=True`` it returns
+        None as soon as the state is copied to host memory; :meth:`wait` returns the manifest once committed.
         """
         self._check_open()
         if not isinstance(step, int) or step < 0:
@@ -414,26 +476,51 @@ class CheckpointManager:
         if not force and not self.should_save(step):
             return None
         name = check_name(name or self.name_format.format(step=step, epoch=epoch))
+        self.wait()  # one save in flight: its lineage is this one's parent, and its buffers are reused
         lineage = Lineage(relation=self._relation, parents=self._parents, run=self.run, source=self._source)
         if data is None and self.segments:
             consumed = max(0, samples_seen - self._segment_base)
             self.segments[-1] = self.segments[-1].model_copy(update={"samples_consumed": consumed})
-            data = self.segments
-        manifest = commit_captured(
-            self.repo,
-            capture(self.state, rng=self.rng),
-            name,
-            progress=Progress(epoch=epoch, global_step=step, step_in_epoch=step_in_epoch, samples_seen=samples_seen),
-            metrics=metrics,
-            hparams=self.hparams,
-            data=data,
-            lineage=lineage,
-            object_size=self.object_size,
-        )
+            data = list(self.segments)
+        progress = Progress(epoch=epoch, global_step=step, step_in_epoch=step_in_epoch, samples_seen=samples_seen)
+        captured = capture(self.state, rng=self.rng)
+        if self._snapshots is None:
+            return self._commit(captured, name, progress, metrics, data, lineage)
+        snapshot = self._snapshots.take(captured)
+        metrics = dict(metrics or {})
+        if self._writer is None:
+            self._writer = _Writer()
+            _LIVE.add(self)
+        self._inflight = self._writer.submit(self._commit, snapshot, name, progress, metrics, data, lineage)
+        return None
+
+    def _commit(
+        self,
+        captured: builtins.list[Any],
+        name: str,
+        progress: Progress,
+        metrics: Mapping[str, float] | None,
+        data: builtins.list[DataSegment] | None,
+        lineage: Lineage,
+    ) -> Manifest:
+        manifest = commit_captured(self.repo, captured, name, progress=progress, metrics=metrics,
+                                   hparams=self.hparams, data=data, lineage=lineage,
+                                   object_size=self.object_size)  # fmt: skip
         self._set_lineage("train", [Parent(id=manifest.id, relation="train", name=manifest.name)])
+        self._last = manifest
         if self.retention is not None:
             self.prune()
         return manifest
+
+    def wait(self) -> Manifest | None:
+        """Wait for the save in flight (async mode) and return the last committed manifest.
+
+        Raises whatever the background save raised, once: a failed save is never lost silently.
+        """
+        future, self._inflight = self._inflight, None
+        if future is not None:
+            future.result()
+        return self._last
 
     def prune(self) -> builtins.list[str]:
         """Apply retention now; return the names deleted. Never deletes the newest checkpoint or the one this
@@ -459,8 +546,22 @@ class CheckpointManager:
         return deleted
 
     def close(self) -> None:
-        """Finish: after this the manager refuses to save. Safe to call twice."""
+        """Wait for a pending async save (raising its error, if any), then refuse further saves.
+        Safe to call twice."""
+        if self._closed:
+            return
         self._closed = True
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.stop()
+                self._writer = None
+            _LIVE.discard(self)
+
+    def __del__(self) -> None:
+        if getattr(self, "_inflight", None) is not None and not self._inflight.done():  # type: ignore[union-attr]
+            log.warning("CheckpointManager for %s dropped with a save in flight; it still commits", self.repo.url)
 
     def _check_open(self) -> None:
         if self._closed:

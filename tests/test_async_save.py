@@ -1,0 +1,123 @@
+"""Async save: returns once the state is in host memory; training may mutate parameters in place right away;
+errors surface at the next save, wait or close; interpreter exit waits for the pending commit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptkit
+from ckptkit import CheckpointManager
+from ckptkit.storage import Repository
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+
+
+def test_in_place_updates_after_save_returns_do_not_leak_into_the_checkpoint(repo_url: str) -> None:
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    mgr = CheckpointManager(repo_url, {"model": model, "optimizer": opt}, async_save=True)
+    expected = []
+    for step in range(1, 6):
+        model(torch.randn(4, 256)).sum().backward()
+        opt.step()
+        expected.append({k: v.clone() for k, v in model.state_dict().items()})
+        assert mgr.save(step) is None  # returned before the commit
+        with torch.no_grad():  # the training loop mutates in place at once (pytorch #144657)
+            for p in model.parameters():
+                p.mul_(0).add_(step * 1000)
+    last = mgr.wait()
+    assert last is not None and last.name == "step-00000005"
+    mgr.close()
+    for step, want in enumerate(expected, start=1):
+        fresh = _model()
+        ckptkit.restore(repo_url, {"model": fresh}, f"step-{step:08d}", strict=False)
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in want.items()), f"step {step}"
+    names = [m.name for m in ckptkit.api.checkpoints(repo_url)]
+    assert names == [f"step-{s:08d}" for s in range(1, 6)]
+    chain = [ckptkit.inspect(repo_url, n) for n in names]
+    assert all(c.lineage.parents[0].id == p.id for p, c in zip(chain, chain[1:], strict=False))
+
+
+def test_buffers_are_reused_between_saves(repo_url: str) -> None:
+    model = _model()
+    mgr = CheckpointManager(repo_url, {"model": model}, async_save=True, rng=False)
+    mgr.save(1)
+    mgr.wait()
+    assert mgr._snapshots is not None
+    first = {k: v.data_ptr() for k, v in mgr._snapshots._buffers.items()}
+    mgr.save(2)
+    mgr.wait()
+    assert {k: v.data_ptr() for k, v in mgr._snapshots._buffers.items()} == first
+    mgr.close()
+
+
+def test_a_background_error_is_raised_by_the_next_call_never_lost(repo_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    mgr = CheckpointManager(repo_url, {"model": model}, async_save=True)
+
+    def broken(self: Repository, name: str, manifest: bytes) -> None:
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(Repository, "commit", broken)
+    mgr.save(1)
+    with pytest.raises(OSError, match="disk full"):
+        mgr.save(2)  # the next save reports the failure of the previous one
+    mgr.save(3)
+    with pytest.raises(OSError, match="disk full"):
+        mgr.wait()
+    mgr.save(4)
+    with pytest.raises(OSError, match="disk full"):
+        mgr.close()
+    monkeypatch.undo()
+    assert Repository(repo_url).list() == []
+
+
+def test_interpreter_exit_waits_for_the_pending_commit(tmp_path: Path) -> None:
+    url = str(tmp_path / "repo")
+    script = textwrap.dedent(f"""
+        import torch, ckptkit
+        from ckptkit.storage import Repository
+        real = Repository.commit
+        def slow(self, name, manifest):
+            import time; time.sleep(1.0); real(self, name, manifest)
+        Repository.commit = slow
+        model = torch.nn.Linear(512, 512)
+        mgr = ckptkit.CheckpointManager({url!r}, {{"model": model}}, async_save=True)
+        mgr.save(7)
+        print("returned", flush=True)
+    """)  # the script exits without wait() or close()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "returned" in out.stdout and "waiting for the checkpoint" in out.stderr
+    assert Repository(url).list() == ["step-00000007"]
+    assert all(r.ok for r in ckptkit.verify(url))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned-memory snapshot)")
+def test_gpu_state_is_snapshotted_through_pinned_memory(tmp_path: Path) -> None:
+    model = _model().cuda()
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 256, device="cuda")).sum().backward()
+    opt.step()
+    want = {k: v.cpu().clone() for k, v in model.state_dict().items()}
+    mgr = CheckpointManager(str(tmp_path), {"model": model, "optimizer": opt}, async_save=True)
+    mgr.save(1)
+    assert mgr._snapshots is not None and all(b.is_pinned() for b in mgr._snapshots._buffers.values()
+                                              if b.numel())  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    mgr.close()
+    fresh = _model().cuda()
+    result = ckptkit.restore(str(tmp_path), {"model": fresh}, strict=False)
+    assert all(torch.equal(fresh.state_dict()[k].cpu(), v) for k, v in want.items())
+    assert "cuda" in result.manifest.components["rng"].state  # type: ignore[operator]
