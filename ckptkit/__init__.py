@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from ckptkit.api import RestoreResult, inspect, restore, save, verify
 from ckptkit.export import export
+from ckptkit.importers import import_from
 from ckptkit.manager import CheckpointManager, Retention
 from ckptkit.transfer import TransferPlan, transfer
 
@@ -14,6 +15,7 @@ __all__ = [
     "TransferPlan",
     "__version__",
     "export",
+    "import_from",
     "inspect",
     "restore",
     "save",
