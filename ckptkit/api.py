@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as _dt
 import functools
 import logging
@@ -181,9 +182,7 @@ def commit_captured(
     )
     raw = dump_manifest(manifest)
     with r.pending(packed):
-        for h, obj in packed.items():
-            if not r.has_object(h):
-                r.write_object(h, obj.chunks())
+        r.write_objects([(h, obj.chunks()) for h, obj in packed.items() if not r.has_object(h)])
         r.commit(name, raw)
     return manifest
 
@@ -240,17 +239,27 @@ def _scan(r: Repository) -> tuple[list[Manifest], list[tuple[str, str]]]:
 
 def load_tensors(r: Repository, manifest: Manifest, components: list[str]) -> dict[str, dict[str, torch.Tensor]]:
     """Read (and hash-verify) the objects that ``components`` need; tensors by component and key."""
-    needed = {ref.object for c in components for ref in manifest.components[c].tensors.values()}
+    needed = sorted({ref.object for c in components for ref in manifest.components[c].tensors.values()})
+    for h in needed:
+        if h not in manifest.objects:
+            raise ManifestError(f"{manifest.name}", f"object {h} is referenced but not listed in `objects`")
     objects: dict[str, dict[str, torch.Tensor]] = {}
     missing = []
-    for h in sorted(needed):
-        info = manifest.objects.get(h)
-        if info is None:
-            raise ManifestError(f"{manifest.name}", f"object {h} is referenced but not listed in `objects`")
+
+    def fetch(h: str) -> dict[str, torch.Tensor] | None:
         try:
-            objects[h] = unpack(r.read_object(h, info.size), r.object_path(h))
+            return unpack(r.read_object(h, manifest.objects[h].size), r.object_path(h))
         except FileNotFoundError:
-            missing.append(h)
+            return None
+
+    # Two objects in flight: one is hashed while the next is read (and remote reads overlap their latency).
+    workers = min(len(needed), 2 if r.local else 8) or 1
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckptkit-read") as pool:
+        for h, tensors in zip(needed, pool.map(fetch, needed), strict=True):
+            if tensors is None:
+                missing.append(h)
+            else:
+                objects[h] = tensors
     if missing:
         raise IncompleteCheckpointError(manifest.name, [r.object_path(h) for h in missing])
     out: dict[str, dict[str, torch.Tensor]] = {}

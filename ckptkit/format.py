@@ -219,7 +219,7 @@ def hash_bytes(data: bytes | bytearray | memoryview) -> str:
     return h.hexdigest()
 
 
-def unpack(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
+def unpack(buf: bytearray | memoryview, where: str) -> dict[str, torch.Tensor]:
     """Parse a safetensors object held in ``buf`` into tensors that share its memory.
 
     ``buf`` must already be hash-verified; the header is still validated (offsets in range, sizes that

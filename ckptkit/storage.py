@@ -10,7 +10,13 @@ Layout::
 This layer moves bytes; it never sees tensors.
 
 Commit: on local disk a manifest is written to a temporary file, fsync'd and hard-linked into place (atomic,
-and it never replaces a committed checkpoint); on object stores it is one PUT, which is atomic there.
+and it never replaces a committed checkpoint); on object stores it is one PUT, which is atomic there (on S3 a
+conditional PUT, ``If-None-Match: *``, so that a committed checkpoint is never replaced there either).
+
+Object stores: every object is written with one PUT of complete bytes (on S3, objects larger than ``part_size``
+go up as a multipart upload, which becomes visible only when it completes, and is aborted when the upload
+fails), so an object under its final name is never partial. Directory listings are never served from fsspec's
+listing cache: other processes (a concurrent save, gc) change the repository behind this one's back.
 
 gc and concurrent saves: a save first records the hashes it will reference in ``pending/``, then waits while
 ``gc.lock`` exists, then checks which objects exist. gc takes the lock before it reads ``pending/``. So either
@@ -20,19 +26,26 @@ existing objects after gc has finished deleting.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
+import math
 import os
 import posixpath
+import queue
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import blake3
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from ckptkit.errors import (
@@ -48,6 +61,14 @@ _HASH = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STALE_AFTER = 6 * 3600.0
 """Seconds after which a pending record is taken to belong to a crashed save."""
+MIB = 1 << 20
+DEFAULT_PART_SIZE = 8 * MIB
+"""S3: objects larger than this are uploaded in parts of this size (S3 allows 5 MiB to 5 GiB per part)."""
+DEFAULT_MAX_CONCURRENCY = 8
+"""S3: parts of one object in flight at once (memory held: about ``part_size * max_concurrency``)."""
+_S3_MIN_PART = 5 * MIB
+_S3_MAX_PART = 5 << 30
+_S3_MAX_PARTS = 10_000
 LOCK_STALE_AFTER = 900.0
 """Seconds after which a gc lock that was not refreshed is taken to belong to a crashed gc (a running gc
 refreshes it every minute; a lock of a dead process on this host is stale at once)."""
@@ -71,6 +92,7 @@ class GcReport:
     objects_removed: int
     bytes_removed: int
     temp_files_removed: int
+    """Stale temporary files (local disk) or stale incomplete multipart uploads (S3) removed."""
     dry_run: bool
 
 
@@ -80,6 +102,13 @@ class Repository:
     Args:
         url: a local path, ``file://``, ``memory://``, ``s3://bucket/prefix`` or any fsspec URL.
         storage_options: passed to the fsspec filesystem (credentials, endpoint, ...); never stored.
+        part_size: S3 only: objects larger than this many bytes are uploaded in parts of this size (5 MiB to
+            5 GiB; raised for an object that would otherwise need more than 10,000 parts). Default 8 MiB.
+        max_concurrency: S3 only: how many parts of one object are uploaded at once. Default 8.
+
+    Raises:
+        ValueError: ``part_size`` or ``max_concurrency`` out of range, or given for a repository that is not on
+            S3 (they would have no effect there).
 
     Example:
         >>> repo = Repository("memory://docs-example")
@@ -87,13 +116,26 @@ class Repository:
         []
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        part_size: int | None = None,
+        max_concurrency: int | None = None,
+    ) -> None:
         if not isinstance(url, str) or not url:
             raise ValueError(f"repository URL must be a non-empty string, got {url!r}")
         self.url = url
         options = dict(storage_options or {})
+        if options.get("use_listings_cache"):
+            raise ValueError("storage_options: use_listings_cache=True is not supported: a repository must see "
+                             "what other processes wrote, so it never lists from a cache")  # fmt: skip
         try:
             fs, root = fsspec.core.url_to_fs(url, **options)
+            cache = getattr(fs, "dircache", None)
+            if not isinstance(fs, LocalFileSystem) and getattr(cache, "use_listings_cache", False):
+                fs, root = fsspec.core.url_to_fs(url, **options, use_listings_cache=False)
         except ImportError as err:
             proto = url.split("://", 1)[0]
             raise CkptkitError(
@@ -103,9 +145,21 @@ class Repository:
         self.fs: fsspec.AbstractFileSystem = fs
         self.root: str = root.rstrip("/") or "/"
         self.local = isinstance(fs, LocalFileSystem)
+        self.s3 = _is_s3(fs)
         self._lock_time = time.monotonic()
         if self.local:
             self.root = os.path.abspath(self.root)
+        if not self.s3 and (part_size is not None or max_concurrency is not None):
+            raise ValueError(
+                f"part_size and max_concurrency apply to S3 repositories (s3://...); {url} is on "
+                f"{type(fs).__name__}, which would ignore them"
+            )
+        self.part_size = DEFAULT_PART_SIZE if part_size is None else part_size
+        self.max_concurrency = DEFAULT_MAX_CONCURRENCY if max_concurrency is None else max_concurrency
+        if not _is_int(self.part_size) or not _S3_MIN_PART <= self.part_size <= _S3_MAX_PART:
+            raise ValueError(f"part_size={part_size!r}: S3 parts are 5 MiB ({_S3_MIN_PART}) to 5 GiB ({_S3_MAX_PART})")
+        if not _is_int(self.max_concurrency) or self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency={max_concurrency!r}: must be a positive integer")
 
     def __repr__(self) -> str:
         return f"Repository({self.url!r})"
@@ -128,7 +182,8 @@ class Repository:
     # --- objects -------------------------------------------------------------------------------------------
 
     def has_object(self, h: str) -> bool:
-        """Whether the object exists (committed objects are never partial: they are renamed into place)."""
+        """Whether the object exists (stored objects are never partial: renamed into place on local disk,
+        written with one PUT or a completed multipart upload on object stores)."""
         return bool(self.fs.exists(self.object_path(h)))
 
     def write_object(self, h: str, chunks: Iterable[memoryview]) -> int:
@@ -136,12 +191,101 @@ class Repository:
         path = self.object_path(h)
         if self.local:
             return self._write_local(path, chunks, replace=True)
-        size = 0
-        with self.fs.open(path, "wb") as f:
-            for c in chunks:
-                f.write(c)
-                size += len(c)
+        if self.s3:
+            return self._write_s3(path, [memoryview(c).cast("B") for c in chunks])
+        # One PUT of the complete bytes: streaming through fs.open() would, on an error mid-way, close the file
+        # and so store a truncated object under the hash of the whole one.
+        data = b"".join(chunks)
+        self.fs.pipe_file(path, data)
+        return len(data)
+
+    # --- S3 ------------------------------------------------------------------------------------------------
+
+    def _s3_call(self, method: str, **kwargs: Any) -> Any:
+        return self.fs.call_s3(method, **kwargs)
+
+    def _write_s3(self, path: str, views: list[memoryview]) -> int:
+        """One PUT for an object up to ``part_size``; a multipart upload (``max_concurrency`` parts in flight)
+        above. The object appears only when the upload completes; a failed upload is aborted."""
+        bucket, key, _ = self.fs.split_path(path)
+        size = sum(len(v) for v in views)
+        if size <= self.part_size:
+            self._s3_call("put_object", Bucket=bucket, Key=key, Body=b"".join(views))
+            return size
+        part = max(self.part_size, math.ceil(size / _S3_MAX_PARTS))
+        upload = self._s3_call("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+        loop = self.fs.loop
+        in_flight: dict[concurrent.futures.Future[Any], int] = {}
+        done: dict[int, dict[str, Any]] = {}
+
+        def collect(futures: Iterable[concurrent.futures.Future[Any]]) -> None:
+            for f in futures:
+                n = in_flight.pop(f)
+                out = f.result()
+                checksums = {k: v for k, v in out.items() if k.startswith("Checksum") and k != "ChecksumType"}
+                done[n] = {"PartNumber": n, "ETag": out["ETag"], **checksums}
+
+        try:
+            for n, body in enumerate(_parts(views, part), start=1):
+                while len(in_flight) >= self.max_concurrency:
+                    finished, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+                    collect(finished)
+                coro = self.fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=n,
+                                        Body=body)  # fmt: skip
+                in_flight[asyncio.run_coroutine_threadsafe(coro, loop)] = n
+            collect(list(concurrent.futures.wait(in_flight).done))
+            parts = [done[n] for n in sorted(done)]
+            self._s3_call("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload,
+                          MultipartUpload={"Parts": parts})  # fmt: skip
+        except BaseException:
+            for f in in_flight:
+                f.cancel()
+            concurrent.futures.wait(in_flight, timeout=30)
+            with contextlib.suppress(Exception):  # the original error matters; gc aborts what this leaves
+                self._s3_call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
+            raise
         return size
+
+    def _s3_commit(self, path: str, manifest: bytes) -> bool:
+        """PUT the manifest only if no object has its name; False when one has (``If-None-Match: *``)."""
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self._s3_call("put_object", Bucket=bucket, Key=key, Body=manifest, IfNoneMatch="*")
+        except FileExistsError:
+            return False
+        except OSError as err:
+            code, status = _s3_error(err)
+            if code == "PreconditionFailed" or status == 412:
+                return False
+            if code in ("NotImplemented", "InvalidArgument") or status == 501:
+                # A server without conditional writes: the existence check before this is what protects.
+                self._s3_call("put_object", Bucket=bucket, Key=key, Body=manifest)
+                return True
+            raise
+        return True
+
+    def _s3_stale_uploads(self, dry_run: bool) -> int:
+        """Abort multipart uploads under ``objects/`` older than :data:`STALE_AFTER` (left by killed saves;
+        S3 keeps, and bills, their parts until they are aborted). Returns how many."""
+        bucket, prefix, _ = self.fs.split_path(self._p("objects"))
+        prefix = prefix.rstrip("/") + "/"
+        now = time.time()
+        stale: list[tuple[str, str]] = []
+        markers: dict[str, str] = {}
+        while True:
+            page = self._s3_call("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+            for u in page.get("Uploads", []):
+                initiated = u.get("Initiated")
+                if initiated is not None and now - initiated.timestamp() > STALE_AFTER:
+                    stale.append((u["Key"], u["UploadId"]))
+            if not page.get("IsTruncated"):
+                break
+            markers = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+        if not dry_run:
+            for k, upload in stale:
+                with contextlib.suppress(FileNotFoundError):
+                    self._s3_call("abort_multipart_upload", Bucket=bucket, Key=k, UploadId=upload)
+        return len(stale)
 
     def _write_local(self, path: str, chunks: Iterable[memoryview], replace: bool) -> int:
         directory = os.path.dirname(path)
@@ -177,8 +321,8 @@ class Repository:
         _fsync_dir(directory)
         return size
 
-    def read_object(self, h: str, size: int | None = None) -> bytearray:
-        """Read an object and verify its hash (and size, when known).
+    def read_object(self, h: str, size: int | None = None) -> memoryview:
+        """Read an object and verify its hash (and size, when known); a writable buffer of its bytes.
 
         Raises:
             FileNotFoundError: the object does not exist.
@@ -186,27 +330,52 @@ class Repository:
         """
         path = self.object_path(h)
         if self.local:
-            with open(path, "rb", buffering=0) as f:
-                n = os.fstat(f.fileno()).st_size
-                buf = bytearray(n)
-                view = memoryview(buf)
-                got = 0
-                while got < n:
-                    k = f.readinto(view[got:])
-                    if not k:
-                        break
-                    got += k
-                del view
-                if got != n:
-                    del buf[got:]
+            buf, found = _read_local(path)
         else:
-            buf = bytearray(self.fs.cat_file(path))
+            buf = memoryview(bytearray(self.fs.cat_file(path)))
+            found = hash_bytes(buf)
         if size is not None and len(buf) != size:
             raise CorruptObjectError(path, f"{size} bytes", f"{len(buf)} bytes", "size differs")
-        found = hash_bytes(buf)
         if found != h:
             raise CorruptObjectError(path, h, found)
         return buf
+
+    def write_objects(self, objects: list[tuple[str, Iterable[memoryview]]]) -> int:
+        """Store several objects; on local disk each one's fsync overlaps the writing of the next.
+
+        An object appears under its final name only after its bytes are on disk, so a crash at any moment
+        leaves complete objects and temporary files (removed by gc), never a partial object.
+        """
+        if not self.local:
+            return sum(self.write_object(h, chunks) for h, chunks in objects)
+        written = 0
+        staged: list[tuple[str, str]] = []
+        syncer = _Fsyncer()  # a plain thread: concurrent.futures refuses new work at interpreter exit
+        try:
+            for h, chunks in objects:
+                path = self.object_path(h)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                staged.append((tmp, path))
+                try:
+                    written += _write_all(fd, chunks)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                syncer.put(fd)
+            syncer.finish()  # every object is on disk before any gets its final name
+            for tmp, path in staged:
+                os.replace(tmp, path)
+        except BaseException:
+            syncer.finish(raise_errors=False)
+            for tmp, _ in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            raise
+        for d in sorted({os.path.dirname(p) for _, p in staged}):
+            _fsync_dir(d)
+        return written
 
     def list_objects(self) -> dict[str, int]:
         """Every stored object: hash -> size."""
@@ -237,6 +406,10 @@ class Repository:
             return
         if self.fs.exists(path):
             raise CheckpointExistsError(self.url, name)
+        if self.s3:
+            if not self._s3_commit(path, manifest):
+                raise CheckpointExistsError(self.url, name)
+            return
         self.fs.pipe_file(path, manifest)
 
     def read_manifest(self, name: str) -> bytes:
@@ -265,9 +438,27 @@ class Repository:
         """Delete a checkpoint's manifest. Its objects become garbage for :meth:`gc` once unreferenced."""
         path = self.manifest_path(name)
         try:
+            if not self.local and not self.fs.exists(path):
+                raise FileNotFoundError(path)  # an object store deletes a missing key without complaint
             self.fs.rm_file(path)
         except FileNotFoundError:
             raise CheckpointNotFoundError(self.url, name, self.list()) from None
+
+    def archive(self, manifest_id: str, manifest: bytes) -> None:
+        """Keep a pruned checkpoint's manifest under ``lineage/<id>.json`` so its history stays readable (its
+        objects are still collected by gc; archived manifests reference nothing)."""
+        if not _HASH.match(manifest_id):
+            raise ValueError(f"invalid manifest id {manifest_id!r}")
+        self._put_small(self._p("lineage", f"{manifest_id}.json"), manifest)
+
+    def read_archived(self, manifest_id: str) -> bytes | None:
+        """An archived manifest's bytes, or None."""
+        if not _HASH.match(manifest_id):
+            raise ValueError(f"invalid manifest id {manifest_id!r}")
+        try:
+            return bytes(self.fs.cat_file(self._p("lineage", f"{manifest_id}.json")))
+        except FileNotFoundError:
+            return None
 
     # --- protection of in-flight saves ---------------------------------------------------------------------
 
@@ -322,6 +513,8 @@ class Repository:
         except FileNotFoundError:
             return keep
         for e in entries:
+            if e.get("type") == "directory":
+                continue
             if time.time() - _mtime(e) > STALE_AFTER:
                 continue  # a save that crashed long ago; its objects are garbage
             try:
@@ -380,7 +573,47 @@ class Repository:
                         temps += 1
                         if not dry_run:
                             os.unlink(p)
+        if self.s3:
+            temps += self._s3_stale_uploads(dry_run)
         return GcReport(len(stored) - removed, removed, freed, temps, dry_run)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_s3(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocols and hasattr(fs, "_call_s3") and hasattr(fs, "split_path")
+
+
+def _parts(views: list[memoryview], part: int) -> Iterator[bytes]:
+    """The bytes of ``views`` in consecutive pieces of ``part`` bytes (the last one shorter)."""
+    pending: list[memoryview] = []
+    have = 0
+    for view in views:
+        v = view
+        while v:
+            take = v[: part - have]
+            pending.append(take)
+            have += len(take)
+            v = v[len(take) :]
+            if have == part:
+                yield b"".join(pending)
+                pending, have = [], 0
+    if have:
+        yield b"".join(pending)
+
+
+def _s3_error(err: BaseException) -> tuple[str | None, int | None]:
+    """The S3 error code and HTTP status behind an s3fs error (botocore's ClientError is its cause)."""
+    cause = err.__cause__
+    response = getattr(cause, "response", None)
+    if not isinstance(response, dict):
+        return None, None
+    code = (response.get("Error") or {}).get("Code")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return (str(code) if code is not None else None), (int(status) if status is not None else None)
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -405,6 +638,67 @@ def _alive(pid: object) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+READ_CHUNK = 8 << 20
+
+
+def _read_local(path: str) -> tuple[memoryview, str]:
+    """Read a file into an uninitialised buffer, hashing each chunk right after it is read (one pass over
+    memory; a zero-filled bytearray would cost a second one)."""
+    with open(path, "rb", buffering=0) as f:
+        n = os.fstat(f.fileno()).st_size
+        array: Any = np.empty(n, dtype=np.uint8)
+        view = memoryview(array).cast("B")
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if n > READ_CHUNK else blake3.blake3()
+        got = 0
+        while got < n:
+            k = f.readinto(view[got : got + READ_CHUNK])
+            if not k:
+                break  # the file shrank while we read: the size check reports it
+            hasher.update(view[got : got + k])
+            got += k
+    return view[:got], str(hasher.hexdigest())
+
+
+def _write_all(fd: int, chunks: Iterable[memoryview]) -> int:
+    size = 0
+    for c in chunks:
+        view = memoryview(c).cast("B")
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+            size += n
+    return size
+
+
+class _Fsyncer:
+    """fsyncs and closes file descriptors on a background thread, in order, while the caller writes the next."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ckptkit-fsync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (fd := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    os.fsync(fd)
+            except BaseException as err:
+                self._error = err
+            finally:
+                os.close(fd)
+
+    def put(self, fd: int) -> None:
+        self._queue.put(fd)
+
+    def finish(self, raise_errors: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if raise_errors and self._error is not None:
+            raise self._error
 
 
 def _fsync_dir(path: str) -> None:

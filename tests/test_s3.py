@@ -1,0 +1,542 @@
+"""S3-specific behaviour against a real S3 server (Ceph's RADOS Gateway on loopback, see tests/s3server.py).
+
+The conformance suite (test_repository.py), the manager tests and the round trips already run on S3 through the
+``repo_url`` fixture. This file adds what only S3 has: credentials passed as storage options, multipart uploads
+(and their clean-up), conditional commits, fresh listings across clients, and SIGKILL crash trials of a process
+saving to a bucket.
+
+Run as ``python tests/test_s3.py URL`` it is the crash trials' worker (a fork server, like tests/crash_worker.py):
+it reads the endpoint from ``CKPTKIT_S3_ENDPOINT`` and the credentials from ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``, as a training job on a cluster would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptkit
+from ckptkit.api import checkpoints, gc
+from ckptkit.errors import CheckpointExistsError
+from ckptkit.format import hash_bytes
+from ckptkit.storage import Repository
+
+MIB = 1 << 20
+
+# --- the crash worker (also imported by the test for build_model / expected_state) --------------------------------
+
+LAYERS = 4
+WIDTH = 576  # 4 x Linear(576, 576): 5 MiB of parameters, 10 MiB more of AdamW moments
+OBJECT_SIZE = 12 * MIB
+PART_SIZE = 5 * MIB  # objects above 5 MiB go up as multipart uploads: kills land inside them too
+KEEP = 2
+MAX_STEPS_PER_RUN = 200
+
+
+def build_model() -> torch.nn.Sequential:
+    return torch.nn.Sequential(*[torch.nn.utils.skip_init(torch.nn.Linear, WIDTH, WIDTH) for _ in range(LAYERS)])
+
+
+@functools.cache
+def _base(numel: int) -> torch.Tensor:
+    return torch.arange(numel, dtype=torch.float32).remainder_(1013.0).mul_(1e-3)
+
+
+def expected_state(k: int, model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Parameters and AdamW state at step ``k``: a pure function of ``k``, different for every ``k``."""
+    out: dict[str, dict[str, torch.Tensor]] = {"param": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+    for i, (name, p) in enumerate(model.named_parameters()):
+        base = _base(p.numel())
+        for which, key in enumerate(("param", "exp_avg", "exp_avg_sq")):
+            out[key][name] = base.add(float(k) + 0.01 * i + 1000.0 * which).reshape(p.shape)
+        out["step"][name] = torch.tensor(float(k))
+    return out
+
+
+def _set_state(k: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    exp = expected_state(k, model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(exp["param"][name])
+            opt.state[p] = {"step": exp["step"][name], "exp_avg": exp["exp_avg"][name],
+                            "exp_avg_sq": exp["exp_avg_sq"][name]}  # fmt: skip
+
+
+def _configure_s3_from_env() -> None:
+    """Endpoint from CKPTKIT_S3_ENDPOINT; credentials are left to botocore, which reads AWS_* variables."""
+    import fsspec.config
+
+    fsspec.config.conf["s3"] = {"client_kwargs": {"endpoint_url": os.environ["CKPTKIT_S3_ENDPOINT"]}}
+
+
+def _saver(url: str) -> None:
+    """A training job: resume from the latest checkpoint (if any), then save every step with retention and gc."""
+    _configure_s3_from_env()
+    torch.set_num_threads(1)
+    model = build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    repo = Repository(url, part_size=PART_SIZE, max_concurrency=4)
+    mgr = ckptkit.CheckpointManager(repo, {"model": model, "optimizer": opt}, rng=False,  # type: ignore[arg-type]
+                                    object_size=OBJECT_SIZE, retention=ckptkit.Retention(keep_last=KEEP),
+                                    name_format="step-{step:06d}")  # fmt: skip
+    latest = mgr.latest()
+    start = latest.progress.global_step + 1 if latest else 1
+    _set_state(start, model, opt)
+    print(f"ready {start}", flush=True)
+    for k in range(start, start + MAX_STEPS_PER_RUN):
+        if k != start:
+            _set_state(k, model, opt)
+        mgr.save(k)  # commit, then prune to the newest KEEP and gc their objects
+        print(f"committed {k}", flush=True)
+
+
+def _serve(url: str) -> None:
+    """Fork server: import torch once, then fork a saver per "go"; "reap" waits for it (after the kill)."""
+    import s3fs  # noqa: F401 - imported before forking; no filesystem (and no event loop) exists yet
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimizer costs ~1 s of lazy imports
+    print("loaded", flush=True)
+    child: int | subprocess.Popen[bytes] | None = None
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "go":
+            if len(os.listdir("/proc/self/task")) == 1:  # forking is safe only while single-threaded
+                pid = os.fork()
+                if pid == 0:
+                    code = 0
+                    try:
+                        _saver(url)
+                    except BaseException as err:
+                        print(f"error {type(err).__name__}: {err}", flush=True)
+                        code = 1
+                    finally:
+                        os._exit(code)
+                child = pid
+            else:
+                child = subprocess.Popen([sys.executable, __file__, "--saver", url])
+                pid = child.pid
+            print(f"child {pid}", flush=True)
+        elif cmd == "reap" and child is not None:
+            if isinstance(child, int):
+                pid, status = os.waitpid(child, 0)
+                code = os.waitstatus_to_exitcode(status)
+            else:
+                pid, code = child.pid, child.wait()
+            print(f"reaped {pid} {code}", flush=True)
+            child = None
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _raw_fs() -> Any:
+    """An s3fs filesystem of its own (no shared instance, no listing cache), with the session's defaults."""
+    import fsspec
+
+    return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+
+
+def _uploads(repo: Repository) -> list[dict[str, Any]]:
+    """Incomplete multipart uploads under the repository."""
+    bucket, key, _ = repo.fs.split_path(repo.root)
+    out = repo.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key + "/")
+    return list(out.get("Uploads", []))
+
+
+def _private(url: str, **kwargs: Any) -> Repository:
+    """A repository with a filesystem instance of its own (not shared through fsspec's instance cache), so a
+    test may wrap its methods."""
+    return Repository(url, {"skip_instance_cache": True}, **kwargs)
+
+
+def _count_part_uploads(repo: Repository, fail_at: int | None = None) -> dict[str, int]:
+    """Wrap the (private) repository's S3 calls: count upload_part calls and the most in flight at once;
+    optionally fail the upload of part ``fail_at``."""
+    stats = {"parts": 0, "in_flight": 0, "max_in_flight": 0}
+    original = repo.fs._call_s3
+
+    async def call(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method != "upload_part":
+            return await original(method, *args, **kwargs)
+        stats["parts"] += 1
+        stats["in_flight"] += 1
+        stats["max_in_flight"] = max(stats["max_in_flight"], stats["in_flight"])
+        try:
+            await asyncio.sleep(0.05)  # so that parts overlap even on a fast loopback server
+            if kwargs.get("PartNumber") == fail_at:
+                raise OSError(5, "injected upload failure")
+            return await original(method, *args, **kwargs)
+        finally:
+            stats["in_flight"] -= 1
+
+    repo.fs._call_s3 = call
+    return stats
+
+
+# --- credentials -----------------------------------------------------------------------------------------------
+
+
+def test_credentials_from_storage_options_are_never_stored_or_logged(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import fsspec.config
+
+    monkeypatch.delitem(fsspec.config.conf, "s3")  # only the explicit storage options carry the credentials
+    options = s3.storage_options()
+    secret, key = options["secret"], options["key"]
+    url = s3.fresh_url()
+    caplog.set_level(logging.DEBUG)  # everything: ckptkit, fsspec, s3fs, botocore
+    model = torch.nn.Linear(16, 4)
+    state = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+    mgr = ckptkit.CheckpointManager(url, state, storage_options=options, retention=ckptkit.Retention(keep_last=1),
+                                    hparams={"lr": 0.1})  # fmt: skip
+    for step in (1, 2, 3):
+        mgr.save(step, metrics={"loss": 1.0 / step})
+    m = ckptkit.save(url, {"model": model}, "extra", storage_options=options)
+    assert ckptkit.restore(url, {"model": torch.nn.Linear(16, 4)}, "extra", storage_options=options).manifest.id == m.id
+    assert all(r.ok for r in ckptkit.verify(url, storage_options=options))
+    gc(url, storage_options=options)
+    repo = Repository(url, options)
+    assert sorted(repo.list()) == ["extra", "step-00000003"]
+    # A wrong secret fails without the secret in the error either.
+    wrong = "wrong-" + secret[::-1]
+    with pytest.raises(OSError) as err:
+        Repository(url, {**options, "secret": wrong}).list()
+    assert wrong not in str(err.value) and wrong not in repr(err.value)
+
+    stored: dict[str, bytes] = {p: repo.fs.cat_file(p) for p in repo.fs.find(repo.root)}
+    manifests = [b for p, b in stored.items() if "/checkpoints/" in p]
+    assert len(manifests) == 2 and all(json.loads(b)["name"] for b in manifests)
+    for path, data in stored.items():
+        for needle in (secret, key, options["client_kwargs"]["endpoint_url"]):
+            assert needle.encode() not in data, f"{needle!r} was stored in {path}"
+    assert repr(repo) == f"Repository({url!r})"
+    out, errs = capfd.readouterr()
+    assert caplog.records, "nothing was logged: the log check would prove nothing"
+    for text in (caplog.text, out, errs, *(str(r.args) for r in caplog.records)):
+        assert secret not in text and wrong not in text
+
+
+# --- multipart uploads -----------------------------------------------------------------------------------------
+
+
+def test_a_large_object_goes_up_in_parts_concurrently_and_round_trips(s3: Any) -> None:
+    url = s3.fresh_url()
+    repo = _private(url, part_size=8 * MIB, max_concurrency=3)
+    stats = _count_part_uploads(repo)
+    big = torch.arange(10 * MIB, dtype=torch.float32)  # 40 MiB in one tensor, so one object
+    start = time.monotonic()
+    m = ckptkit.save(repo, {"big": {"t": big}}, "a", rng=False, object_size=64 * MIB)
+    took = time.monotonic() - start
+    ((h, info),) = m.objects.items()
+    assert info.size > 40 * MIB
+    parts = -(-info.size // (8 * MIB))
+    assert stats["parts"] == parts == 6
+    assert 2 <= stats["max_in_flight"] <= 3, stats
+    etag = repo.fs.info(repo.object_path(h))["ETag"].strip('"')
+    assert etag.endswith(f"-{parts}"), f"not stored as a multipart upload: ETag {etag}"
+    assert _uploads(repo) == []
+    fresh = Repository(url)  # a new client reads it back, hash-verified
+    out = ckptkit.restore(fresh, {}, "a", rng=False).values["big"]["t"]
+    assert torch.equal(out, big)
+    assert all(r.ok for r in ckptkit.verify(url))
+    print(f"\n40 MiB object: {parts} parts of 8 MiB, up to {stats['max_in_flight']} at once, saved in {took:.2f}s")
+
+
+def test_small_objects_are_one_put(s3: Any) -> None:
+    repo = _private(s3.fresh_url(), part_size=5 * MIB)
+    stats = _count_part_uploads(repo)
+    data = os.urandom(5 * MIB)  # exactly one part's worth: still a single PUT
+    h = hash_bytes(data)
+    assert repo.write_object(h, [memoryview(data)]) == len(data)
+    assert stats["parts"] == 0
+    assert "-" not in repo.fs.info(repo.object_path(h))["ETag"]
+    assert bytes(repo.read_object(h, len(data))) == data
+
+
+def test_a_failed_multipart_upload_is_aborted_and_leaves_no_object(s3: Any) -> None:
+    repo = _private(s3.fresh_url(), part_size=5 * MIB, max_concurrency=2)
+    stats = _count_part_uploads(repo, fail_at=3)
+    data = os.urandom(23 * MIB)  # 5 parts
+    h = hash_bytes(data)
+    with pytest.raises(OSError, match="injected"):
+        repo.write_object(h, [memoryview(data[: 7 * MIB]), memoryview(data[7 * MIB :])])
+    assert stats["parts"] >= 3
+    assert not repo.has_object(h)
+    assert _uploads(repo) == [], "the failed upload was not aborted"
+    # and the next attempt stores it whole
+    del repo.fs._call_s3
+    repo.write_object(h, [memoryview(data)])
+    assert bytes(repo.read_object(h, len(data))) == data
+
+
+def test_gc_aborts_multipart_uploads_of_killed_saves_once_stale(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGKILLed save leaves an incomplete multipart upload (invisible, but stored and billed); gc aborts it once
+    it is older than STALE_AFTER, and never a recent one, which may belong to a save in progress."""
+    from ckptkit import storage
+
+    url = s3.fresh_url()
+    ckptkit.save(url, {"model": torch.nn.Linear(4, 4)}, "a")
+    repo = Repository(url)
+    bucket, key, _ = repo.fs.split_path(repo.object_path("ab" * 32))
+    upload = repo.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+    repo.fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * (5 * MIB))
+    outside_key = repo.fs.split_path(repo.root + "/elsewhere/file")[1]
+    outside = repo.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=outside_key)["UploadId"]
+    try:
+        assert gc(url).temp_files_removed == 0  # fresh: it may be a save in progress
+        assert len(_uploads(repo)) == 2
+        monkeypatch.setattr(storage, "STALE_AFTER", 0.0)
+        time.sleep(1.1)  # the server's timestamps have a resolution of a second at worst
+        assert gc(url, dry_run=True).temp_files_removed == 1
+        assert len(_uploads(repo)) == 2
+        report = gc(url)
+        assert report.temp_files_removed == 1
+        assert [u["Key"] for u in _uploads(repo)] == [outside_key]  # only what lies under objects/
+        assert all(r.ok for r in ckptkit.verify(url))
+    finally:
+        repo.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=outside_key, UploadId=outside)
+
+
+# --- commit and listing ----------------------------------------------------------------------------------------
+
+
+def test_commit_is_a_conditional_put_that_never_replaces_a_checkpoint(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two savers race for the same name: the existence check passes for both, and the server's
+    ``If-None-Match: *`` still lets only the first commit."""
+    repo = Repository(s3.fresh_url())
+    repo.commit("a", b'{"first": 1}')
+    monkeypatch.setattr(repo.fs, "exists", lambda path, **kw: False)  # the other saver checked just before
+    with pytest.raises(CheckpointExistsError):
+        repo.commit("a", b'{"second": 2}')
+    assert repo.read_manifest("a") == b'{"first": 1}'
+
+
+def test_listings_are_fresh_when_another_client_changes_the_bucket(s3: Any) -> None:
+    url = s3.fresh_url()
+    repo = Repository(url)
+    ckptkit.save(url, {"model": torch.nn.Linear(4, 4)}, "a", rng=False)
+    assert repo.list() == ["a"] and len(repo.list_objects()) == 1
+    other = _raw_fs()  # another process, as far as caches go
+    root = url.removeprefix("s3://")
+    other.pipe_file(f"{root}/checkpoints/b.json", other.cat_file(f"{root}/checkpoints/a.json"))
+    (h,) = repo.list_objects()
+    other.rm_file(repo.object_path(h))
+    assert sorted(repo.list()) == ["a", "b"]
+    assert not repo.has_object(h), "a deleted object looks present: a save would skip writing it"
+    assert repo.list_objects() == {}
+    other.pipe_file(f"{root}/gc.lock", json.dumps({"host": "elsewhere", "pid": 1, "time": time.time()}).encode())
+    assert repo._gc_lock_held()
+    other.rm_file(f"{root}/gc.lock")
+    assert not repo._gc_lock_held()
+
+
+def test_s3_options_are_checked(s3: Any, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="apply to S3"):
+        Repository(str(tmp_path), part_size=8 * MIB)
+    with pytest.raises(ValueError, match="apply to S3"):
+        Repository("memory://x", max_concurrency=2)
+    with pytest.raises(ValueError, match="5 MiB"):
+        Repository(s3.fresh_url(), part_size=MIB)
+    with pytest.raises(ValueError, match="max_concurrency"):
+        Repository(s3.fresh_url(), max_concurrency=0)
+    with pytest.raises(ValueError, match="use_listings_cache"):
+        Repository(s3.fresh_url(), {"use_listings_cache": True})
+    repo = Repository(s3.fresh_url(), part_size=16 * MIB, max_concurrency=2)
+    assert (repo.part_size, repo.max_concurrency, repo.s3) == (16 * MIB, 2, True)
+
+
+# --- SIGKILL -----------------------------------------------------------------------------------------------------
+
+TRIALS = 12
+SEED = 20240612
+
+
+class _Worker:
+    """This file as a fork server in a subprocess that knows the server only from its environment."""
+
+    def __init__(self, url: str, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.stderr = open(log, "wb")  # noqa: SIM115 - closed in close()
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+            text=True, bufsize=1, env={**clean, **env, "OPENBLAS_NUM_THREADS": "1", "AWS_EC2_METADATA_DISABLED": "true"},
+        )  # fmt: skip
+        self.child: int | None = None
+        self._until("loaded")
+
+    def _fail(self, why: str) -> None:
+        self.close()
+        pytest.fail(f"{why}; worker stderr:\n{self.log.read_text()[-3000:]}")
+
+    def _send(self, cmd: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def _until(self, *prefixes: str) -> list[str]:
+        assert self.proc.stdout is not None
+        lines: list[str] = []
+        wanted = set(prefixes)
+        while wanted:
+            line = self.proc.stdout.readline()
+            if not line:
+                self._fail(f"worker ended; it said {lines}")
+            if line.startswith("error "):
+                self._fail(f"saver failed: {line.strip()}")
+            lines.append(line.strip())
+            wanted -= {p for p in wanted if line.startswith(p)}
+        return lines
+
+    def start(self) -> tuple[int, int, list[str]]:
+        self._send("go")
+        lines = self._until("child ", "ready ")
+        pid = self.child = int(next(x for x in lines if x.startswith("child ")).split()[1])
+        return pid, int(next(x for x in lines if x.startswith("ready ")).split()[1]), lines
+
+    def kill(self, pid: int, lines: list[str]) -> list[int]:
+        os.kill(pid, signal.SIGKILL)
+        self._send("reap")
+        lines = lines + self._until("reaped ")
+        self.child = None
+        assert int(lines[-1].split()[2]) == -signal.SIGKILL, f"the saver ended on its own: {lines}"
+        return [int(x.split()[1]) for x in lines if x.startswith("committed ")]
+
+    def close(self) -> None:
+        if self.child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.child, signal.SIGKILL)
+            self.child = None
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+
+def _check_restores(url: str, name: str, step: int) -> None:
+    model = build_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    res = ckptkit.restore(url, {"model": model, "optimizer": opt}, name, rng=False)
+    assert res.progress.global_step == step and all(r.ok for r in res.reports.values())
+    exp = expected_state(step, model)
+    for pname, p in model.named_parameters():
+        assert torch.equal(p.detach(), exp["param"][pname]), f"{name}: {pname} differs from step {step}"
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], exp[key][pname]), f"{name}: {key} of {pname} differs"
+
+
+def _check_repository(url: str, *, restore_all: bool) -> list[str]:
+    """Only complete checkpoints are visible: every listed one parses, verifies, and (the latest, or all) restores."""
+    names = Repository(url).list()
+    manifests = checkpoints(url)
+    assert sorted(m.name for m in manifests) == sorted(names), "a listed manifest does not parse"
+    reports = ckptkit.verify(url)
+    bad = [(r.name, r.problems) for r in reports if not r.ok]
+    assert not bad, f"checkpoints failed verification after a crash: {bad}"
+    for m in manifests if restore_all else manifests[-1:]:
+        assert m.name == f"step-{m.progress.global_step:06d}"
+        _check_restores(url, m.name, m.progress.global_step)
+    return names
+
+
+def _pending(repo: Repository) -> dict[str, set[str]]:
+    try:
+        entries = repo.fs.ls(repo.root + "/pending", detail=False)
+    except FileNotFoundError:
+        return {}
+    return {p.rsplit("/", 1)[1]: set(json.loads(repo.fs.cat_file(p))["objects"]) for p in entries}
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_while_saving_to_s3_never_exposes_a_partial_checkpoint(
+    s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptkit import storage
+
+    url = s3.fresh_url()
+    repo = Repository(url)
+    rng = random.Random(SEED)
+    stats = {"mid_save": 0, "multipart_left": 0, "before_first_commit": 0, "commits": 0}
+    env = {k: v for k, v in s3.env().items() if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                      "CKPTKIT_S3_ENDPOINT")}  # fmt: skip
+    worker = _Worker(url, env, tmp_path / "worker.log")
+    try:
+        for trial in range(TRIALS):
+            before = max((m.progress.global_step for m in checkpoints(url)), default=0)
+            pending_before = _pending(repo)
+            uploads_before = {u["UploadId"] for u in _uploads(repo)}
+            pid, start, lines = worker.start()
+            assert start == before + 1, "the worker must resume from the latest committed step"
+            time.sleep(0.0 if trial % 4 == 0 else rng.uniform(0.05, 1.5))
+            reported = worker.kill(pid, lines)
+
+            names = _check_repository(url, restore_all=False)
+            steps = sorted(int(n.split("-")[1]) for n in names)
+            if reported:  # a reported commit is durable, and retention kept the newest
+                assert reported == list(range(start, start + len(reported)))
+                assert f"step-{reported[-1]:06d}" in names and steps[-1] >= reported[-1]
+            new = [s for s in steps if s >= start]
+            stats["commits"] += len(reported)
+            stats["before_first_commit"] += not new
+            referenced = {h for m in checkpoints(url) for h in m.objects}
+            left = {k: v for k, v in _pending(repo).items() if k not in pending_before}
+            if any(objs - referenced for objs in left.values()):
+                stats["mid_save"] += 1
+            stats["multipart_left"] += bool({u["UploadId"] for u in _uploads(repo)} - uploads_before)
+    finally:
+        worker.close()
+    print(f"\nS3 crash trials: {TRIALS}, stats: {stats}")
+    assert stats["commits"] >= TRIALS // 2, stats
+    assert stats["mid_save"] >= 2, f"too few kills landed inside a save to prove anything: {stats}"
+    assert stats["multipart_left"] >= 1, f"no kill landed inside a multipart upload: {stats}"
+
+    names = _check_repository(url, restore_all=True)
+    assert names, "no checkpoint survived the trials"
+    referenced = {h for m in checkpoints(url) for h in m.objects}
+    report = gc(url)  # the killed saves' pending records are fresh: their objects are kept, nothing breaks
+    assert referenced <= set(repo.list_objects())
+    assert _check_repository(url, restore_all=False) == names
+
+    # Once the leftovers are stale, gc removes every orphan and aborts every incomplete upload.
+    monkeypatch.setattr(storage, "STALE_AFTER", 0.0)
+    time.sleep(1.1)
+    incomplete = len(_uploads(repo))
+    report = gc(url)
+    assert set(repo.list_objects()) == referenced, "orphans survived gc"
+    assert _uploads(repo) == [] and report.temp_files_removed == incomplete
+    assert _check_repository(url, restore_all=True) == names
+    cli = subprocess.run([sys.executable, "-m", "ckptkit.cli", "verify", url], capture_output=True, text=True,
+                         timeout=120, check=False, env={**os.environ, **env, "AWS_EC2_METADATA_DISABLED": "true",
+                                                        "AWS_ENDPOINT_URL": env["CKPTKIT_S3_ENDPOINT"]})  # fmt: skip
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert all(n in cli.stdout for n in names), cli.stdout
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--saver":
+        _saver(sys.argv[2])
+    else:
+        _serve(sys.argv[1])
