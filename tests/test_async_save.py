@@ -3,6 +3,7 @@ errors surface at the next save, wait or close; interpreter exit waits for the p
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -44,7 +45,7 @@ def test_in_place_updates_after_save_returns_do_not_leak_into_the_checkpoint(rep
     names = [m.name for m in ckptkit.api.checkpoints(repo_url)]
     assert names == [f"step-{s:08d}" for s in range(1, 6)]
     chain = [ckptkit.inspect(repo_url, n) for n in names]
-    assert all(c.lineage.parents[0].id == p.id for p, c in zip(chain, chain[1:], strict=False))
+    assert all(c.lineage.parents[0].id == p.id for p, c in itertools.pairwise(chain))
 
 
 def test_buffers_are_reused_between_saves(repo_url: str) -> None:

@@ -262,7 +262,9 @@ def test_sigkill_during_saves_never_exposes_a_partial_checkpoint(tmp_path: Path)
 
     print(f"\ncrash trials: {TRIALS} ({', '.join(sorted(set(server.modes)))}), stats: {stats}, mid-save trials: {hits}")
     assert stats["mid_save"] >= 3, f"too few kills landed inside a save to prove anything: {stats}"
-    assert stats["orphans_written"] >= 1, stats
+    # Killed while objects were being written: they are temp files (renamed only once all are fsync'd) or, for
+    # an earlier save's pipeline, complete objects no manifest references yet. Either proves the window was hit.
+    assert stats["orphans_written"] + stats["tmp_files"] >= 1, stats
     assert stats["commits"] >= TRIALS // 2, stats
 
     # Final state: every listed checkpoint restores bit-exactly, and the CLI agrees that all verify.
