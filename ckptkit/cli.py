@@ -68,9 +68,10 @@ def ls_cmd(url: str, options: tuple[str, ...], as_json: bool) -> None:
     _console().print(table)
 
 
-def _console() -> Console:
+def _console(err: bool = False) -> Console:
     # Not a terminal (a pipe, a log): wide enough that names and ids are never folded.
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    stream = sys.stderr if err else sys.stdout
+    return Console(stderr=err) if stream.isatty() else Console(stderr=err, width=160)
 
 
 def _row(m: Manifest) -> dict[str, Any]:
@@ -133,9 +134,28 @@ def _prod(shape: list[int]) -> int:
 @main.command("verify")
 @click.argument("url")
 @click.argument("name", required=False)
+@click.option("--chain", is_flag=True, help="also verify every ancestor (manifests, parent links, objects)")
 @_opt
-def verify_cmd(url: str, name: str | None, options: tuple[str, ...]) -> None:
+def verify_cmd(url: str, name: str | None, chain: bool, options: tuple[str, ...]) -> None:
     """Verify every object of checkpoint NAME (default: all). Exits 1 on any corruption."""
+    if chain:
+        from rich.progress import Progress
+
+        from ckptkit.lineage import verify_chain
+
+        with Progress(transient=True, console=_console(err=True)) as bar:
+            task = bar.add_task("verifying the chain", total=None)
+            rep = verify_chain(url, name, storage_options=_options(options),
+                               progress=lambda what: bar.update(task, advance=1, description=what))  # fmt: skip
+        for where, problems in rep.problems.items():
+            for p in problems:
+                click.echo(f"CORRUPT  {where}: {p}")
+            if not problems:
+                click.echo(f"ok       {where}")
+        if not rep.ok:
+            click.echo(f"the history of {name or 'the latest checkpoint'} failed verification", err=True)
+            sys.exit(1)
+        return
     reports = verify(url, name, _options(options))
     bad = 0
     for r in reports:
@@ -149,6 +169,163 @@ def verify_cmd(url: str, name: str | None, options: tuple[str, ...]) -> None:
         click.echo(f"no checkpoints in {url}")
     if bad:
         click.echo(f"{bad} of {len(reports)} checkpoint(s) failed verification", err=True)
+        sys.exit(1)
+
+
+@main.command("log")
+@click.argument("url")
+@click.argument("name", required=False)
+@_opt
+def log_cmd(url: str, name: str | None, options: tuple[str, ...]) -> None:
+    """History of checkpoint NAME (default: the latest), newest first, like git log."""
+    from ckptkit.lineage import history
+
+    h = history(url, name, storage_options=_options(options))
+    con = _console()
+    for n in h.nodes:
+        m = n.manifest
+        con.print(f"[bold yellow]checkpoint {m.name}[/] [dim]{m.id}[/]" + (" [dim](archived)[/]" if n.archived else ""))
+        con.print(f"  date:     {m.created_at.strftime('%Y-%m-%d %H:%M:%S %Z')}   repository: {n.url}")
+        parents = ", ".join(f"{p.relation} <- {p.name or p.id[:12]}" + (f" ({p.url})" if p.url else "")
+                            for p in m.lineage.parents) or "none"  # fmt: skip
+        con.print(f"  relation: {m.lineage.relation}   parents: {parents}", markup=False)
+        p = m.progress
+        con.print(f"  progress: epoch {p.epoch}, step {p.global_step}, {p.samples_seen} samples", markup=False)
+        if m.metrics:
+            con.print("  metrics:  " + " ".join(f"{k}={v:.4g}" for k, v in m.metrics.items()), markup=False)
+        if m.data:
+            con.print("  data:     " + ", ".join(f"{d.name} ({d.samples_consumed} samples)" for d in m.data),
+                      markup=False)  # fmt: skip
+        for par in m.lineage.parents:
+            shown: dict[str, object] = {}
+            if "plan" in par.changes:
+                shown["plan"] = par.changes["plan"].get("counts")  # type: ignore[union-attr]
+            shown.update({k: v for k, v in par.changes.items() if k not in ("plan", "warnings")})
+            if shown:
+                con.print(f"  changes:  {json.dumps(shown)[:300]}", markup=False)
+        if m.lineage.source:
+            con.print(f"  source:   {json.dumps(m.lineage.source)[:300]}", markup=False)
+        con.print("")
+    for pid, why in h.missing.items():
+        con.print(f"[red]ancestor {pid[:12]} not found:[/] {why}")
+
+
+@main.command("lineage")
+@click.argument("url")
+@click.argument("name", required=False)
+@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot", "svg", "png", "json"]),
+              default="text", show_default=True)  # fmt: skip
+@click.option("-O", "--output", type=click.Path(dir_okay=False), help="write to a file (needed for png)")
+@_opt
+def lineage_cmd(url: str, name: str | None, fmt: str, output: str | None, options: tuple[str, ...]) -> None:
+    """The ancestry DAG of checkpoint NAME (svg/png are rendered with Graphviz's `dot`)."""
+    import shutil
+    import subprocess
+
+    from ckptkit.lineage import history, render
+
+    h = history(url, name, storage_options=_options(options))
+    if fmt in ("svg", "png"):
+        dot = shutil.which("dot")
+        if dot is None:
+            raise click.ClickException(
+                f"--format {fmt} needs Graphviz's `dot` (Debian: apt-get install graphviz); "
+                "--format dot prints the graph for another renderer, --format mermaid for Markdown"
+            )
+        if fmt == "png" and not output:
+            raise click.ClickException("--format png writes binary: give -O FILE.png")
+        graph = render(h, "dot").encode()
+        data = subprocess.run([dot, f"-T{fmt}"], input=graph, capture_output=True, check=True).stdout
+        if output:
+            with open(output, "wb") as f:
+                f.write(data)
+        else:
+            click.echo(data.decode())
+        return
+    text = render(h, fmt)  # type: ignore[arg-type]
+    if output:
+        with open(output, "w") as f:
+            f.write(text + "\n")
+    else:
+        click.echo(text)
+
+
+def _ref(ref: str) -> tuple[str, str | None]:
+    url, sep, name = ref.rpartition("@")
+    return (url, name) if sep and url else (ref, None)
+
+
+@main.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--component", help="model component to compare (default: the only one)")
+@click.option("--all", "show_all", is_flag=True, help="list unchanged tensors too")
+@_opt
+def diff_cmd(a: str, b: str, component: str | None, show_all: bool, options: tuple[str, ...]) -> None:
+    """Compare checkpoints A and B, each URL@NAME (or URL for its latest): tensors and manifest."""
+    from ckptkit.lineage import diff
+
+    (ua, na), (ub, nb) = _ref(a), _ref(b)
+    d = diff(ua, na, ub, nb, component=component, storage_options=_options(options))
+    con = _console()
+    table = Table(title="tensors: " + ", ".join(f"{v} {k}" for k, v in d.counts().items()))
+    for col in ("tensor", "status", "shape A", "shape B", "relative L2 change"):
+        table.add_column(col)
+    for k, t in d.tensors.items():
+        if t.status != "unchanged" or show_all:
+            rel = "" if t.rel_l2 is None else f"{t.rel_l2:.3e}"
+            table.add_row(k, t.status, str(t.shape_a or ""), str(t.shape_b or ""), rel)
+    con.print(table)
+    for title, part in (("hparams", d.hparams), ("metrics", d.metrics), ("data", d.data)):
+        if part:
+            con.print(f"[bold]{title}[/]")
+            for k, (va, vb) in part.items():
+                con.print(f"  {k}: {json.dumps(va)[:120]} -> {json.dumps(vb)[:120]}", markup=False)
+
+
+@main.command("copy")
+@click.argument("src")
+@click.argument("dst")
+@click.argument("names", nargs=-1)
+@_opt
+@click.option("--dst-option", "dst_options", multiple=True, metavar="KEY=VALUE",
+              help="storage option for DST when it differs from SRC's")  # fmt: skip
+def copy_cmd(
+    src: str, dst: str, names: tuple[str, ...], options: tuple[str, ...], dst_options: tuple[str, ...]
+) -> None:
+    """Copy checkpoints NAMES (default: all) from SRC to DST, sending only objects DST lacks."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from ckptkit.lineage import copy
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, transient=True, console=_console(err=True)) as bar:
+        task = bar.add_task("copying", total=None)
+        rep = copy(src, dst, list(names) or None, storage_options=_options(options),
+                   dst_storage_options=_options(dst_options) if dst_options else None,
+                   progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+    click.echo(f"copied {len(rep.checkpoints)} checkpoint(s), {rep.objects_copied} object(s) "
+               f"({_size(rep.bytes_copied)}); "
+               f"{rep.objects_present} already there; {len(rep.skipped)} identical checkpoint(s) skipped; "
+               f"{rep.ancestors_archived} ancestor manifest(s) archived")  # fmt: skip
+
+
+@main.command("audit")
+@click.argument("url")
+@click.argument("name", required=False)
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="also write a self-contained HTML report")
+@_opt
+def audit_cmd(url: str, name: str | None, html_file: str | None, options: tuple[str, ...]) -> None:
+    """A readable report of one model's history: base, data, hyperparameters, metrics, transfers, integrity."""
+    from ckptkit.audit import audit, render_html, render_text
+
+    a = audit(url, name, storage_options=_options(options))
+    click.echo(render_text(a))
+    if html_file:
+        with open(html_file, "w") as f:
+            f.write(render_html(a))
+        click.echo(f"wrote {html_file}")
+    if not a.integrity.ok:
         sys.exit(1)
 
 
@@ -176,6 +353,28 @@ def export_cmd(url: str, dest: str, name: str | None, component: str | None, opt
 
     for f in export(url, dest, name, component=component, storage_options=_options(options)):
         click.echo(f)
+
+
+@main.command("import")
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("url")
+@click.argument("name", required=False)
+@click.option("--format", "fmt", help="the source's layout (default: detected)",
+              type=click.Choice(["hf-pretrained", "hf-trainer", "lightning", "timm", "mmdet", "dcp"]))  # fmt: skip
+@_opt
+def import_cmd(src: str, url: str, name: str | None, fmt: str | None, options: tuple[str, ...]) -> None:
+    """Import a foreign checkpoint SRC (HF folder, Trainer checkpoint, Lightning, timm, mmdet, DCP) into URL.
+
+    Nothing is unpickled but tensors and plain containers; a file that needs more is refused, naming the
+    entry and the class."""
+    from ckptkit.importers import import_from
+
+    m = import_from(src, url, name, format=fmt, storage_options=_options(options))
+    source = m.lineage.source or {}
+    click.echo(f"imported {src} as {m.name} ({m.id[:12]}), format {source.get('format')}: "
+               f"components {', '.join(m.components)}")  # fmt: skip
+    for s in source.get("skipped") or []:  # type: ignore[union-attr]
+        click.echo(f"  skipped: {s}")
 
 
 @main.command("schema")

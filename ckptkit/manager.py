@@ -33,13 +33,13 @@ from typing import Any, Literal
 
 import torch
 
-from ckptkit.api import RestoreResult, checkpoints, commit_captured, gc, open_repository, restore
+from ckptkit.api import RepoLike, RestoreResult, checkpoints, commit_captured, gc, open_repository, restore
 from ckptkit.data import ResumableLoader, is_data_loader
 from ckptkit.errors import CheckpointNotFoundError, CkptkitError
 from ckptkit.files import file_hash, load_model_tensors, read_tensor_file, read_torch_file
 from ckptkit.format import DEFAULT_OBJECT_SIZE
 from ckptkit.schedule import PlannedLR, Policy
-from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, Relation
+from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, Relation, dump_manifest
 from ckptkit.snapshot import Snapshotter
 from ckptkit.state import LoadReport, capture, check_targets
 from ckptkit.storage import check_name
@@ -171,7 +171,8 @@ class CheckpointManager:
     """Saves and restores a training run's state in a repository, with retention.
 
     Args:
-        url: repository URL (local path, ``s3://...``, any fsspec URL).
+        url: repository URL (local path, ``s3://...``, any fsspec URL), or an open
+            :class:`~ckptkit.storage.Repository` (to set S3 multipart ``part_size``/``max_concurrency``).
         state: components by name (models, optimizers, schedulers, scalers, Stateful objects, values).
         every: ``save(step)`` writes only when ``step`` is a multiple of this (``force=True`` always writes).
         retention: which checkpoints to keep after each save (``None`` keeps all).
@@ -192,7 +193,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        url: str,
+        url: RepoLike,
         state: Mapping[str, object],
         *,
         every: int | None = None,
@@ -537,6 +538,7 @@ class CheckpointManager:
         for m in found:
             if m.name not in keep:
                 try:
+                    self.repo.archive(m.id, dump_manifest(m))  # the history stays readable; objects are freed
                     self.repo.delete(m.name)
                     deleted.append(m.name)
                 except CheckpointNotFoundError:
