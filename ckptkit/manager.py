@@ -384,14 +384,9 @@ class CheckpointManager:
         Nothing is unpickled beyond tensors and plain containers. The next save records lineage ``import``.
         """
         self._check_open()
-        models = {n: o for n, o in self.state.items() if isinstance(o, torch.nn.Module)}
-        if model is None and len(models) != 1:
-            raise ValueError(f"start_from_files: name the model component (model=...), the state has {list(models)}")
-        comp = model or next(iter(models))
-        if comp not in models:
-            raise ValueError(f"start_from_files: {comp!r} is not a model component of this manager")
+        comp, target = self._model("start_from_files", model)
         tensors = read_tensor_file(weights)
-        report = load_model_tensors(comp, models[comp], tensors, strict)
+        report = load_model_tensors(comp, target, tensors, strict)
         source: dict[str, Any] = {"weights": weights, "weights_blake3": file_hash(weights)}
         if optimizer is not None:
             opts = [o for o in self.state.values() if isinstance(o, torch.optim.Optimizer)]
@@ -420,14 +415,9 @@ class CheckpointManager:
         :func:`ckptkit.transfer`. The next save's lineage is ``transfer``, with the per-tensor plan; several
         calls before a save (the branches of a fusion model) become several parents."""
         self._check_open()
-        models = {n: o for n, o in self.state.items() if isinstance(o, torch.nn.Module)}
-        if model is None and len(models) != 1:
-            raise ValueError(f"transfer_from: name the target model (model=...), the state has {list(models)}")
-        comp = model or next(iter(models))
-        if comp not in models:
-            raise ValueError(f"transfer_from: {comp!r} is not a model component of this manager")
+        comp, target = self._model("transfer_from", model)
         plan = transfer(
-            source, models[comp], name=name, component=component, include=include, exclude=exclude,
+            source, target, name=name, component=component, include=include, exclude=exclude,
             key_map=key_map, reset_heads=reset_heads, strict=strict, storage_options=storage_options,
         )  # fmt: skip
         changes = _jsonable({"into": comp, "plan": plan.to_json(), "warnings": plan.warnings})
@@ -442,6 +432,16 @@ class CheckpointManager:
         for w in plan.warnings:
             log.warning("%s", w)
         return plan
+
+    def _model(self, verb: str, name: str | None) -> tuple[str, torch.nn.Module]:
+        """The model component ``name``, or the only one."""
+        models = {n: o for n, o in self.state.items() if isinstance(o, torch.nn.Module)}
+        if name is None and len(models) != 1:
+            raise ValueError(f"{verb}: name the model component (model=...), the state has {list(models)}")
+        comp = name or next(iter(models))
+        if comp not in models:
+            raise ValueError(f"{verb}: {comp!r} is not a model component of this manager ({list(models)})")
+        return comp, models[comp]
 
     def _set_lineage(
         self, relation: Relation, parents: builtins.list[Parent], source: dict[str, Any] | None = None

@@ -291,15 +291,9 @@ class Repository:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            for c in chunks:
-                view = memoryview(c).cast("B")
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                    size += n
+            size = _write_all(fd, chunks)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
