@@ -20,6 +20,7 @@ import torch
 import ckptkit
 from ckptkit.api import checkpoints, restore, verify
 from ckptkit.data import ResumableLoader
+from ckptkit.lineage import history, render, verify_chain
 from ckptkit.schedule import PlannedLR
 
 DATASET = 512
@@ -154,8 +155,13 @@ def run_demo(base: str, steps: int = 60) -> int:
     assert saved is not None
     print(f"   {cls_url}: lineage {saved.lineage.relation} from {saved.lineage.parents[0].name} ({run_url})")
     bad = [r for r in verify(run_url) if not r.ok]
-    print(f"7. verify {run_url}: {bad if bad else 'ok'}")
-    print(f"   see it yourself: ckptkit ls {run_url}   |   ckptkit show {run_url}")
+    chain = verify_chain(cls_url)
+    print(f"7. verify {run_url}: {bad if bad else 'ok'}; the classifier's whole history: "
+          f"{'ok' if chain.ok else chain.problems} ({chain.checked} checkpoints)")
+    print("8. lineage of the model this demo produced (newest first; archived = pruned by retention, manifest kept):")
+    for line in render(history(cls_url), "text").splitlines():
+        print(f"   {line}")
+    print(f"   see it yourself: ckptkit log {cls_url}   |   ckptkit audit {cls_url} --html audit.html")
     return 0 if exact and not bad else 1
 
 

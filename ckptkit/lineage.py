@@ -179,30 +179,55 @@ def _esc(s: str) -> str:
     return s.replace("\\", "\\\\").replace('"', "'").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _text(h: History) -> Iterator[str]:
-    children: dict[str, list[tuple[str, str]]] = {}
+def _text(h: History, fold: int = 3) -> Iterator[str]:
+    """An indented tree: a linear chain stays at one depth, each further parent (a fusion's second source)
+    opens a deeper level; runs of more than ``fold`` plain ``train`` checkpoints are folded into one line."""
+    parents: dict[str, list[tuple[str, str]]] = {}
     for c, p, r in h.edges:
-        children.setdefault(c, []).append((p, r))
-    printed: set[str] = set()
+        parents.setdefault(c, []).append((p, r))
+    printed: set[str] = set()  # visited by the walk
+    shown: set[str] = set()  # printed as a line of their own
 
-    def walk(id_: str, relation: str, depth: int) -> Iterator[str]:
+    def line(id_: str, relation: str | None, depth: int) -> str:
+        pad = "  " * depth + ("<- " if relation else "")
         n = h.node(id_)
-        pad = "  " * depth + ("<- " if depth else "")
         if n is None:
-            yield f"{pad}[{relation}] {id_[:12]} (not found: {h.missing.get(id_, 'unknown')})"
-            return
-        again = " (see above)" if id_ in printed else ""
-        where = "" if depth == 0 else f" [{relation}]"
+            return f"{pad}[{relation}] {id_[:12]} (not found: {h.missing.get(id_, 'unknown')})"
+        rel = f" [{relation}]" if relation else ""
         archived = " archived" if n.archived else ""
-        yield f"{pad}{n.manifest.name}{where} {_short(n.manifest)}  {n.id[:12]}{archived}{again}"
-        if again:
-            return
-        printed.add(id_)
-        for p, r in children.get(id_, []):
-            yield from walk(p, r, depth + 1)
+        again = " (see above)" if id_ in shown else ""
+        shown.add(id_)
+        return f"{pad}{n.manifest.name}{rel} {_short(n.manifest)}  {n.id[:12]}{archived}{again}"
+
+    def chain(id_: str, relation: str | None, depth: int) -> Iterator[str]:
+        run: list[str] = []  # folded `train` checkpoints not yet printed
+        while True:
+            n = h.node(id_)
+            ps = parents.get(id_, [])
+            plain = relation == "train" and n is not None and id_ not in printed and [r for _, r in ps] == ["train"]
+            if plain:
+                run.append(id_)
+            else:
+                if len(run) > fold:
+                    first, last = h.node(run[0]), h.node(run[-1])
+                    assert first is not None and last is not None
+                    yield (f"{'  ' * depth}<- ... {len(run)} train checkpoints, steps "
+                           f"{first.manifest.progress.global_step} down to {last.manifest.progress.global_step} ...")
+                else:
+                    yield from (line(r, "train", depth) for r in run)
+                run = []
+                yield line(id_, relation, depth)
+            if n is None or id_ in printed:
+                return
+            printed.add(id_)
+            if not ps:
+                return
+            for p, r in ps[1:]:  # further parents branch off one level deeper
+                yield from chain(p, r, depth + 1)
+            id_, relation = ps[0]
 
     if h.nodes:
-        yield from walk(h.nodes[0].id, h.nodes[0].manifest.lineage.relation, 0)
+        yield from chain(h.nodes[0].id, None, 0)
 
 
 # --- verification ------------------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ def test_demo_kills_resumes_and_matches_the_uninterrupted_run(tmp_path: Path) ->
     assert "bit-exact: yes" in proc.stdout
     assert "(exact)" in proc.stdout and "lineage: continue from step-00000040" in proc.stdout
     assert "3.weight   reinit_shape  [1, 64] -> [3, 64]" in proc.stdout and "lineage transfer from" in proc.stdout
+    lineage = proc.stdout.split("8. lineage")[1]
+    assert "[transfer]" in lineage and "[continue]" in lineage and "[resume]" in lineage
 
 
 def test_export_command_writes_the_framework_files(tmp_path: Path) -> None:
