@@ -1,22 +1,14 @@
 """Worker for tests/test_crash.py: saves a large, step-determined state in a loop until it is SIGKILLed.
 
-Run as ``python crash_worker.py URL``, it is a small fork server (importing torch takes seconds; forking
-takes milliseconds, and the test runs many trials). It imports everything, then reads commands on stdin:
-
-    "go"    start a saver process and print "child <pid> fork|spawn": forked, or a fresh interpreter when
-            this process is not single-threaded (the test sets OPENBLAS_NUM_THREADS=1, since numpy's
-            OpenBLAS otherwise starts a thread pool at import). The saver prints "ready <step>" when it is about to save its first
-            checkpoint (the step after the repository's latest) and "committed <step>" after each commit.
-    "reap"  wait for the saver (which the test has killed) and print "reaped <pid> <returncode>" (as
-            subprocess reports it: -9 for SIGKILL).
-    EOF     exit.
-
-Every line is printed and flushed on its own (atomic on the shared pipe). ``python crash_worker.py --saver
-URL`` runs one saver directly.
+Run as ``python crash_worker.py URL``, it is a fork server (tests/forkserver.py: importing torch takes seconds;
+forking takes milliseconds, and the test runs many trials): it imports everything, then starts a saver per "go" on
+stdin. The saver prints "ready <step>" when it is about to save its first checkpoint (the step after the
+repository's latest) and "committed <step>" after each commit. ``python crash_worker.py --saver URL`` runs one
+saver directly.
 
 The state saved at step ``k`` is a pure function of ``k`` (:func:`expected_state`), so the test recomputes
 what any checkpoint must hold from the ``progress.global_step`` in its manifest. The test imports this file
-(by path) for :func:`build_model` and :func:`expected_state`, so the two sides cannot drift apart.
+for :func:`build_model` and :func:`expected_state`, so the two sides cannot drift apart.
 
 After each commit the saver deletes all but the newest :data:`KEEP` checkpoints (a retention policy), so
 the repository stays small across many trials and deleted checkpoints leave orphan objects for gc.
@@ -25,11 +17,13 @@ the repository stays small across many trials and deleted checkpoints leave orph
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import forkserver
 
 LAYERS = 8
 WIDTH = 1024  # 8 x Linear(1024, 1024): 32 MiB of fp32 parameters, 64 MiB more of AdamW moments
@@ -104,46 +98,10 @@ def saver(url: str) -> None:
             repo.delete(old)
 
 
-def _threads() -> int:
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 0  # unknown: do not fork
-
-
 def server(url: str) -> None:
     import ckptkit  # noqa: F401 - imported here so forked savers start instantly
 
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimizer costs ~1 s of lazy imports
-    print("loaded", flush=True)
-    child: int | subprocess.Popen[bytes] | None = None
-    for line in sys.stdin:
-        cmd = line.strip()
-        if cmd == "go":
-            if _threads() == 1:  # forking a multi-threaded process is unsafe: then start a fresh one
-                pid = os.fork()
-                if pid == 0:
-                    code = 0
-                    try:
-                        saver(url)
-                    except BaseException as err:
-                        print(f"error {type(err).__name__}: {err}", flush=True)
-                        code = 1
-                    finally:
-                        os._exit(code)
-                child = pid
-            else:
-                child = subprocess.Popen([sys.executable, __file__, "--saver", url])
-                pid = child.pid
-            print(f"child {pid} {'fork' if isinstance(child, int) else 'spawn'}", flush=True)
-        elif cmd == "reap" and child is not None:
-            if isinstance(child, int):
-                pid, status = os.waitpid(child, 0)
-                code = os.waitstatus_to_exitcode(status)
-            else:
-                pid, code = child.pid, child.wait()
-            print(f"reaped {pid} {code}", flush=True)
-            child = None
+    forkserver.serve(url, saver, [sys.executable, __file__, "--saver", url])
 
 
 if __name__ == "__main__":

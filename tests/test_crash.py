@@ -7,22 +7,18 @@ leftovers of the interrupted save (objects, temporary files, pending records) mu
 checkpoint. At the end ``gc`` must remove every orphan without breaking a checkpoint.
 
 Importing torch takes seconds, so the worker is a fork server: it imports once and forks a fresh saver process
-per trial (see tests/crash_worker.py); the saver is what gets killed.
+per trial (see tests/forkserver.py and tests/crash_worker.py); the saver is what gets killed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -36,93 +32,9 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and for
 TRIALS = 20
 SEED = 20240611
 WORKER = Path(__file__).with_name("crash_worker.py")
-
-
-def _load_worker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ckptkit_crash_worker", WORKER)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-worker = _load_worker()
-
-
-class Server:
-    """The worker's fork server: one interpreter that has imported torch; each trial forks a saver from it."""
-
-    def __init__(self, url: str, log: Path) -> None:
-        self.log = log
-        self.stderr = open(log, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.stderr, text=True, bufsize=1, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
-        )  # fmt: skip
-        self._until("loaded")
-        self.modes: list[str] = []
-
-    def _fail(self, why: str) -> None:
-        self.close()
-        pytest.fail(f"{why}; worker stderr:\n{self.log.read_text()[-3000:]}")
-
-    def _send(self, cmd: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-
-    def _until(self, *prefixes: str) -> list[str]:
-        """Read lines until one starting with each prefix was seen; return all lines read."""
-        assert self.proc.stdout is not None
-        lines: list[str] = []
-        wanted = set(prefixes)
-        while wanted:
-            line = self.proc.stdout.readline()
-            if not line:
-                self._fail(f"worker ended; it said {lines}")
-            if line.startswith("error "):
-                self._fail(f"saver failed: {line.strip()}")
-            lines.append(line.strip())
-            wanted -= {p for p in wanted if line.startswith(p)}
-        return lines
-
-    child: int | None = None
-
-    def start(self) -> tuple[int, int, list[str]]:
-        """Fork a saver and wait until it is about to save: (pid, first step, lines read)."""
-        self._send("go")
-        lines = self._until("child ", "ready ")
-        child = next(x.split() for x in lines if x.startswith("child "))
-        pid = self.child = int(child[1])
-        self.modes.append(child[2])
-        step = next(int(x.split()[1]) for x in lines if x.startswith("ready "))
-        return pid, step, lines
-
-    def kill(self, pid: int, lines: list[str]) -> list[int]:
-        """SIGKILL the saver and wait until it is gone; the steps it reported committed."""
-        os.kill(pid, signal.SIGKILL)
-        self._send("reap")
-        lines = lines + self._until("reaped ")
-        reaped = lines[-1].split()
-        assert int(reaped[1]) == pid
-        self.child = None
-        assert int(reaped[2]) == -signal.SIGKILL, f"the saver exited on its own before the kill: {lines}"
-        return [int(x.split()[1]) for x in lines if x.startswith("committed ")]
-
-    def close(self) -> None:
-        if self.child is not None:  # a failure mid-trial: do not leave a saver running
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.child, signal.SIGKILL)
-            self.child = None
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
+sys.path.insert(0, str(Path(__file__).parent))
+import crash_worker as worker  # noqa: E402
+from forkserver import ForkServer  # noqa: E402
 
 
 def _files(root: Path, sub: str, pattern: str) -> set[str]:
@@ -204,7 +116,7 @@ def test_sigkill_during_saves_never_exposes_a_partial_checkpoint(tmp_path: Path)
     stats = {"mid_save": 0, "orphans_written": 0, "tmp_files": 0, "before_first_commit": 0, "after_commit": 0,
              "commits": 0}  # fmt: skip
     hits: list[int] = []
-    server = Server(url, tmp_path / "worker.log")
+    server = ForkServer([sys.executable, str(WORKER), url], None, tmp_path / "worker.log")
     try:
         for trial in range(TRIALS):
             before_latest = max((m.progress.global_step for m in checkpoints(url)), default=0)

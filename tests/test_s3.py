@@ -5,7 +5,7 @@ The conformance suite (test_repository.py), the manager tests and the round trip
 (and their clean-up), conditional commits, fresh listings across clients, and SIGKILL crash trials of a process
 saving to a bucket.
 
-Run as ``python tests/test_s3.py URL`` it is the crash trials' worker (a fork server, like tests/crash_worker.py):
+Run as ``python tests/test_s3.py URL`` it is the crash trials' worker (a fork server, see tests/forkserver.py):
 it reads the endpoint from ``CKPTKIT_S3_ENDPOINT`` and the credentials from ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY``, as a training job on a cluster would.
 """
@@ -13,13 +13,11 @@ it reads the endpoint from ``CKPTKIT_S3_ENDPOINT`` and the credentials from ``AW
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +32,9 @@ from ckptkit.api import checkpoints, gc
 from ckptkit.errors import CheckpointExistsError
 from ckptkit.format import hash_bytes
 from ckptkit.storage import Repository
+
+sys.path.insert(0, str(Path(__file__).parent))
+import forkserver
 
 MIB = 1 << 20
 
@@ -105,39 +106,10 @@ def _saver(url: str) -> None:
 
 
 def _serve(url: str) -> None:
-    """Fork server: import torch once, then fork a saver per "go"; "reap" waits for it (after the kill)."""
+    """Fork server (tests/forkserver.py): import torch and s3fs once, then fork a :func:`_saver` per trial."""
     import s3fs  # noqa: F401 - imported before forking; no filesystem (and no event loop) exists yet
 
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimizer costs ~1 s of lazy imports
-    print("loaded", flush=True)
-    child: int | subprocess.Popen[bytes] | None = None
-    for line in sys.stdin:
-        cmd = line.strip()
-        if cmd == "go":
-            if len(os.listdir("/proc/self/task")) == 1:  # forking is safe only while single-threaded
-                pid = os.fork()
-                if pid == 0:
-                    code = 0
-                    try:
-                        _saver(url)
-                    except BaseException as err:
-                        print(f"error {type(err).__name__}: {err}", flush=True)
-                        code = 1
-                    finally:
-                        os._exit(code)
-                child = pid
-            else:
-                child = subprocess.Popen([sys.executable, __file__, "--saver", url])
-                pid = child.pid
-            print(f"child {pid}", flush=True)
-        elif cmd == "reap" and child is not None:
-            if isinstance(child, int):
-                pid, status = os.waitpid(child, 0)
-                code = os.waitstatus_to_exitcode(status)
-            else:
-                pid, code = child.pid, child.wait()
-            print(f"reaped {pid} {code}", flush=True)
-            child = None
+    forkserver.serve(url, _saver, [sys.executable, __file__, "--saver", url])
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -366,73 +338,6 @@ TRIALS = 12
 SEED = 20240612
 
 
-class _Worker:
-    """This file as a fork server in a subprocess that knows the server only from its environment."""
-
-    def __init__(self, url: str, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.stderr = open(log, "wb")  # noqa: SIM115 - closed in close()
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-            text=True, bufsize=1, env={**clean, **env, "OPENBLAS_NUM_THREADS": "1", "AWS_EC2_METADATA_DISABLED": "true"},
-        )  # fmt: skip
-        self.child: int | None = None
-        self._until("loaded")
-
-    def _fail(self, why: str) -> None:
-        self.close()
-        pytest.fail(f"{why}; worker stderr:\n{self.log.read_text()[-3000:]}")
-
-    def _send(self, cmd: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-
-    def _until(self, *prefixes: str) -> list[str]:
-        assert self.proc.stdout is not None
-        lines: list[str] = []
-        wanted = set(prefixes)
-        while wanted:
-            line = self.proc.stdout.readline()
-            if not line:
-                self._fail(f"worker ended; it said {lines}")
-            if line.startswith("error "):
-                self._fail(f"saver failed: {line.strip()}")
-            lines.append(line.strip())
-            wanted -= {p for p in wanted if line.startswith(p)}
-        return lines
-
-    def start(self) -> tuple[int, int, list[str]]:
-        self._send("go")
-        lines = self._until("child ", "ready ")
-        pid = self.child = int(next(x for x in lines if x.startswith("child ")).split()[1])
-        return pid, int(next(x for x in lines if x.startswith("ready ")).split()[1]), lines
-
-    def kill(self, pid: int, lines: list[str]) -> list[int]:
-        os.kill(pid, signal.SIGKILL)
-        self._send("reap")
-        lines = lines + self._until("reaped ")
-        self.child = None
-        assert int(lines[-1].split()[2]) == -signal.SIGKILL, f"the saver ended on its own: {lines}"
-        return [int(x.split()[1]) for x in lines if x.startswith("committed ")]
-
-    def close(self) -> None:
-        if self.child is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.child, signal.SIGKILL)
-            self.child = None
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
-
-
 def _check_restores(url: str, name: str, step: int) -> None:
     model = build_model()
     with torch.no_grad():
@@ -482,7 +387,10 @@ def test_sigkill_while_saving_to_s3_never_exposes_a_partial_checkpoint(
     stats = {"mid_save": 0, "multipart_left": 0, "before_first_commit": 0, "commits": 0}
     env = {k: v for k, v in s3.env().items() if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                                       "CKPTKIT_S3_ENDPOINT")}  # fmt: skip
-    worker = _Worker(url, env, tmp_path / "worker.log")
+    # This file as the worker, which knows the S3 server only from its environment.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    worker = forkserver.ForkServer([sys.executable, __file__, url], {**clean, **env, "AWS_EC2_METADATA_DISABLED": "true"},
+                                   tmp_path / "worker.log")  # fmt: skip
     try:
         for trial in range(TRIALS):
             before = max((m.progress.global_step for m in checkpoints(url)), default=0)
