@@ -91,7 +91,7 @@ class GcReport:
     objects_kept: int
     objects_removed: int
     bytes_removed: int
-    temp_files_removed: int
+    temp_files_removed: int  # crashed writes' temp files, stale pending records, stale multipart uploads
     """Stale temporary files (local disk) or stale incomplete multipart uploads (S3) removed."""
     dry_run: bool
 
@@ -558,15 +558,24 @@ class Repository:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(self.object_path(h))
         temps = 0
-        if self.local and os.path.isdir(self._p("objects")):
-            now = time.time()
-            for dirpath, _, files in os.walk(self._p("objects")):
-                for f in files:
-                    p = os.path.join(dirpath, f)
-                    if f.startswith(".tmp-") and now - os.path.getmtime(p) > STALE_AFTER:
-                        temps += 1
-                        if not dry_run:
-                            os.unlink(p)
+        now = time.time()
+        if self.local:  # temp files of writes that crashed, wherever a write makes them
+            for sub in ("objects", "checkpoints", "pending", "lineage"):
+                for dirpath, _, files in os.walk(self._p(sub)):
+                    for f in files:
+                        p = os.path.join(dirpath, f)
+                        if f.startswith(".tmp-") and now - os.path.getmtime(p) > STALE_AFTER:
+                            temps += 1
+                            if not dry_run:
+                                with contextlib.suppress(FileNotFoundError):
+                                    os.unlink(p)
+        with contextlib.suppress(FileNotFoundError):  # pending records of saves that crashed protect nothing
+            for e in self.fs.ls(self._p("pending"), detail=True):
+                if e.get("type") == "file" and now - _mtime(e) > STALE_AFTER:
+                    temps += 1
+                    if not dry_run:
+                        with contextlib.suppress(FileNotFoundError):
+                            self.fs.rm_file(e["name"])
         if self.s3:
             temps += self._s3_stale_uploads(dry_run)
         return GcReport(len(stored) - removed, removed, freed, temps, dry_run)

@@ -176,3 +176,23 @@ def test_a_gc_lock_left_by_a_killed_process_does_not_block_saves(repo_url: str) 
     repo.fs.pipe_file(repo.root + "/gc.lock", json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
     with pytest.raises(RepositoryBusyError):
         gc(repo_url)
+
+
+def test_gc_removes_what_crashed_saves_left_once_stale(repo_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptkit import storage
+
+    repo = Repository(repo_url)
+    ckptkit.save(repo_url, {"model": torch.nn.Linear(2, 2)}, "a")
+    orphan = _put(repo, b"written by a save that was killed")
+    repo.fs.pipe_file(repo.root + "/pending/dead.json", b'{"objects": ["%s"]}' % orphan.encode())
+    if repo.local:
+        for sub in ("checkpoints", "objects"):
+            with open(f"{repo.root}/{sub}/.tmp-dead", "wb") as f:
+                f.write(b"partial")
+    gc(repo_url)
+    assert repo.has_object(orphan)  # a fresh pending record protects its objects
+    monkeypatch.setattr(storage, "STALE_AFTER", -1.0)  # as if 6 hours had passed
+    report = gc(repo_url)
+    assert not repo.has_object(orphan) and not repo.fs.exists(repo.root + "/pending/dead.json")
+    assert report.temp_files_removed >= (3 if repo.local else 1)
+    assert repo.list() == ["a"] and all(r.ok for r in ckptkit.verify(repo_url))
