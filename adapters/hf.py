@@ -88,3 +88,58 @@ class HFAdapter:
         os.makedirs(dest, exist_ok=True)
         model.save_pretrained(dest)
         return sorted(os.path.join(dest, f) for f in os.listdir(dest))
+
+
+class Tokenizer:
+    """A tokenizer or processor saved with the checkpoint, as the files its ``save_pretrained`` writes.
+
+    Pass it as a component: ``{"model": model, "tokenizer": Tokenizer(tok)}``. A restore loads it back with
+    ``AutoTokenizer`` (or ``AutoProcessor`` for a processor) into ``.tokenizer``; ``ckptkit.export`` writes the
+    files beside the exported model, so ``from_pretrained(folder)`` finds both.
+    """
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        self.tokenizer = tokenizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.tokenizer is None:
+            raise ValueError("Tokenizer() holds no tokenizer to save: pass one, Tokenizer(tok)")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            files = {}
+            for f in sorted(os.listdir(tmp)):
+                with open(os.path.join(tmp, f), "rb") as fh:
+                    files[f] = fh.read()
+        kind = "processor" if "Processor" in type(self.tokenizer).__name__ else "tokenizer"
+        return {"kind": kind, "class": type(self.tokenizer).__name__, "files": files}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import tempfile
+
+        import transformers
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write_files(state, tmp)
+            auto = transformers.AutoProcessor if state.get("kind") == "processor" else transformers.AutoTokenizer
+            self.tokenizer = auto.from_pretrained(tmp)
+
+
+def write_files(state: dict[str, Any], dest: str) -> list[str]:
+    """Write a saved tokenizer's files into ``dest``; names come from storage, so only plain file names pass."""
+    files = state.get("files")
+    if not isinstance(files, dict):
+        raise ValueError("tokenizer state holds no files")
+    written = []
+    os.makedirs(dest, exist_ok=True)
+    for name, data in files.items():
+        if not isinstance(name, str) or name != os.path.basename(name) or name.startswith(".") or not name:
+            raise ValueError(f"refusing tokenizer file name {name!r} from the checkpoint (not a plain file name)")
+        if not isinstance(data, bytes):
+            raise ValueError(f"tokenizer file {name!r} holds {type(data).__name__}, not bytes")
+        path = os.path.join(dest, name)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        written.append(path)
+    return written

@@ -46,6 +46,12 @@ def export(
     if os.path.exists(dest) and os.listdir(dest):
         raise FileExistsError(f"export destination {dest} is not empty: choose a new folder")
     written = get_adapter(c.adapter or "plain").export(tensors, dict(c.meta), dest)
+    for n, other in m.components.items():
+        if other.type == "ckptkit.adapters.hf.Tokenizer":  # saved with the model: goes beside it
+            from ckptkit.adapters.hf import write_files
+            from ckptkit.format import decode
+
+            written += write_files(decode(other.state, {}, n), dest)
     prov = os.path.join(dest, PROVENANCE)
     with open(prov, "w") as f:
         json.dump({"checkpoint": m.id, "name": m.name, "url": r.url, "component": comp, "adapter": c.adapter}, f,

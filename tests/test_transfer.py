@@ -282,3 +282,25 @@ def test_export_fusion_writes_each_branch_in_its_format(tmp_path: Path) -> None:
     files = [os.path.relpath(f, folder) for f in ckptkit.export(url, folder)]
     assert "image/model.safetensors" in files and "fusion/model.safetensors" in files
     assert "text/config.json" in files
+
+
+def test_tokenizer_saved_with_the_model_is_exported_and_restored(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    from ckptkit.adapters.hf import Tokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "check", "##point"]))
+    tok = BertTokenizerFast(vocab_file=str(vocab))
+    url, folder = str(tmp_path / "r"), str(tmp_path / "hf")
+    ckptkit.save(url, {"model": bert(2), "tokenizer": Tokenizer(tok)}, "a")
+    ckptkit.export(url, folder)
+    loaded = AutoTokenizer.from_pretrained(folder)
+    assert loaded("hello checkpoint")["input_ids"] == tok("hello checkpoint")["input_ids"]
+    back = Tokenizer()
+    ckptkit.restore(url, {"tokenizer": back}, "a", strict=False)
+    assert back.tokenizer("world")["input_ids"] == tok("world")["input_ids"]
+    from ckptkit.adapters.hf import write_files
+
+    with pytest.raises(ValueError, match="plain file name"):
+        write_files({"files": {"../evil": b"x"}}, str(tmp_path / "x"))
