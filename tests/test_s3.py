@@ -431,10 +431,11 @@ def test_sigkill_while_saving_to_s3_never_exposes_a_partial_checkpoint(
     # Once the leftovers are stale, gc removes every orphan and aborts every incomplete upload.
     monkeypatch.setattr(storage, "STALE_AFTER", 0.0)
     time.sleep(1.1)
-    incomplete = len(_uploads(repo))
+    incomplete, pending = len(_uploads(repo)), len(_pending(repo))
     report = gc(url)
     assert set(repo.list_objects()) == referenced, "orphans survived gc"
-    assert _uploads(repo) == [] and report.temp_files_removed == incomplete
+    assert _uploads(repo) == [] and _pending(repo) == {}
+    assert report.temp_files_removed == incomplete + pending  # aborted uploads + stale pending records
     assert _check_repository(url, restore_all=True) == names
     cli = subprocess.run([sys.executable, "-m", "ckptkit.cli", "verify", url], capture_output=True, text=True,
                          timeout=120, check=False, env={**os.environ, **env, "AWS_EC2_METADATA_DISABLED": "true",
