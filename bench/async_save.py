@@ -135,7 +135,9 @@ class Window:
     cpu_s: float
 
 
-def measure(tmp: str, size_mib: int, runs: int, warmup: int, n_steps: int) -> tuple[dict[str, Series], dict[str, Any]]:
+def measure(
+    tmp: str, size_mib: int, runs: int, warmup: int, n_steps: int, nice: int | None
+) -> tuple[dict[str, Series], dict[str, Any]]:
     model, opt, width = build_state(size_mib * MiB)
     tensors = list(flat_tensors(model, opt).values())
     total = sum(t.numel() * t.element_size() for t in tensors)
@@ -149,8 +151,10 @@ def measure(tmp: str, size_mib: int, runs: int, warmup: int, n_steps: int) -> tu
     dsts = [torch.empty_like(t) for t in tensors]
     for d, t in zip(dsts, tensors, strict=True):
         d.copy_(t)  # touch every page once: the timed copies measure bandwidth, not page faults
+    niceness = {} if nice is None else {"writer_nice": nice}
     mgr = ckptkit.CheckpointManager(os.path.join(tmp, "async-repo"), {"model": model, "optimizer": opt},
-                                    async_save=True, rng=False, retention=ckptkit.Retention(keep_last=1))  # fmt: skip
+                                    async_save=True, rng=False, retention=ckptkit.Retention(keep_last=1),
+                                    **niceness)  # fmt: skip
     step_no = 0
 
     s = {k: Series(k, label) for k, label in [
@@ -264,13 +268,16 @@ def measure(tmp: str, size_mib: int, runs: int, warmup: int, n_steps: int) -> tu
     finally:
         gc.unfreeze()  # frozen objects are never collected, which native extensions report as leaks at exit
 
-    def window_info(ws: list[Window]) -> dict[str, Any]:
+    def window_info(ws: list[Window], alone: Series) -> dict[str, Any]:
         wall = sum(w.loop_s for w in ws)
         cpu = sum(w.cpu_s for w in ws)
+        # Training time a save costs: the steps run during it, less what they take with no save running.
+        lost = [sum(w.steps) - len(w.steps) * alone.median for w in ws]
         return {
             "saves": len(ws),
             "steps_during": [len(w.steps) for w in ws],
             "background_s": [w.background_s for w in ws],
+            "train_time_lost_per_save_s": statistics.median(lost) if lost else math.nan,
             "process_cpu_cores_busy": cpu / wall if wall else math.nan,  # of os.cpu_count() cores
         }
 
@@ -281,8 +288,12 @@ def measure(tmp: str, size_mib: int, runs: int, warmup: int, n_steps: int) -> tu
         "layers": 8,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "windows": {k: window_info(v) for k, v in windows.items()},
+        "windows": {
+            "default": window_info(windows["default"], s["step_alone"]),
+            "threads1": window_info(windows["threads1"], s["step_alone_t1"]),
+        },
         "snapshot_bytes": mgr._snapshots.bytes if mgr._snapshots is not None else 0,
+        "writer_nice": mgr.writer_nice,
     }
     return s, info
 
@@ -344,6 +355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="timed interleaved rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (default 1)")
     p.add_argument("--steps", type=int, default=20, help="training steps per 'alone' round (default 20)")
+    p.add_argument("--writer-nice", type=int, default=None, help="CheckpointManager(writer_nice=N): the "
+                   "background writer's priority below training's (default: ckptkit's default)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"where the temporary directory goes ({DEFAULT_DIR})")
     args = p.parse_args(argv)
@@ -360,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.makedirs(args.dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="ckptkit-bench-async-", dir=args.dir)
     try:
-        s, info = measure(tmp, args.size_mib, args.runs, args.warmup, args.steps)
+        s, info = measure(tmp, args.size_mib, args.runs, args.warmup, args.steps, args.writer_nice)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if created:
@@ -402,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "windows": info["windows"],
         "cpu_count": info["cpu_count"],
         "torch_threads": info["torch_threads"],
+        "writer_nice": info["writer_nice"],
         "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],  # other work on the machine
         "dir": args.dir,
     }
@@ -411,13 +425,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         note = (
             f"state {info['state_bytes'] / MiB:.0f} MiB ({result['model']}), training model "
             f"{result['training_model']}, median of {args.runs} interleaved rounds, local disk under {args.dir}, "
-            f"{info['cpu_count']} CPUs, torch threads {info['torch_threads']}, 1-min load average "
+            f"{info['cpu_count']} CPUs, torch threads {info['torch_threads']}, writer_nice {info['writer_nice']}, "
+            f"1-min load average "
             f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
         )
         print(table(s, ratios, note))
         for k, w in info["windows"].items():
-            print(f"during-save windows ({k}): steps per save {w['steps_during']}, process CPU "
-                  f"{w['process_cpu_cores_busy']:.2f} of {info['cpu_count']} cores busy")  # fmt: skip
+            print(f"during-save windows ({k}): steps per save {w['steps_during']}, training time lost per save "
+                  f"{w['train_time_lost_per_save_s']:.2f} s, process CPU {w['process_cpu_cores_busy']:.2f} of "
+                  f"{info['cpu_count']} cores busy")  # fmt: skip
     return result
 
 

@@ -60,7 +60,7 @@ from ckptkit.storage import Repository, check_name
 
 log = logging.getLogger("ckptkit")
 
-RepoLike = str | Repository
+RepoLike = str | os.PathLike[str] | Repository
 
 
 def open_repository(repo: RepoLike, storage_options: dict[str, Any] | None = None) -> Repository:

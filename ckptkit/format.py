@@ -14,6 +14,7 @@ import base64
 import json
 import math
 import struct
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,6 +187,23 @@ class PackedObject:
         yield from self.buffers
 
 
+_HASHING = threading.local()  # .single: this thread hashes on itself only (see single_threaded_hashing)
+MULTI_THREAD_HASH_FROM = 8 << 20  # bytes: smaller inputs are hashed on the calling thread
+
+
+def hasher(nbytes: int) -> Any:
+    """A blake3 hasher for ``nbytes`` of input: multi-threaded for large inputs, unless the calling thread
+    asked for :func:`single_threaded_hashing` (a low-priority background writer keeps its work on itself)."""
+    if nbytes > MULTI_THREAD_HASH_FROM and not getattr(_HASHING, "single", False):
+        return blake3.blake3(max_threads=blake3.blake3.AUTO)
+    return blake3.blake3()
+
+
+def single_threaded_hashing() -> None:
+    """From now on, hash on the calling thread only (blake3's thread pool runs at normal priority)."""
+    _HASHING.single = True
+
+
 def pack(tensors: list[tuple[str, torch.Tensor]]) -> PackedObject:
     """Serialise tensors into one deterministic safetensors object (no copy of contiguous CPU tensors).
 
@@ -206,17 +224,17 @@ def pack(tensors: list[tuple[str, torch.Tensor]]) -> PackedObject:
     head += b" " * (-len(head) % 8)
     prefix = memoryview(struct.pack("<Q", len(head)) + head)
     buffers = [prefix, *datas]
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO) if offset > (8 << 20) else blake3.blake3()
+    h = hasher(offset)
     for b in buffers:
         h.update(b)
-    return PackedObject(h.hexdigest(), len(prefix) + offset, buffers, [k for k, _ in items])
+    return PackedObject(str(h.hexdigest()), len(prefix) + offset, buffers, [k for k, _ in items])
 
 
 def hash_bytes(data: bytes | bytearray | memoryview) -> str:
     """blake3 hex digest, multi-threaded for large buffers."""
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO) if len(data) > (8 << 20) else blake3.blake3()
+    h = hasher(len(data))
     h.update(data)
-    return h.hexdigest()
+    return str(h.hexdigest())
 
 
 def unpack(buf: bytearray | memoryview, where: str) -> dict[str, torch.Tensor]:

@@ -43,7 +43,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import blake3
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
@@ -56,6 +55,7 @@ from ckptkit.errors import (
     RepositoryBusyError,
 )
 from ckptkit.format import hash_bytes
+from ckptkit.format import hasher as format_hasher
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -118,14 +118,16 @@ class Repository:
 
     def __init__(
         self,
-        url: str,
+        url: str | os.PathLike[str],
         storage_options: dict[str, Any] | None = None,
         *,
         part_size: int | None = None,
         max_concurrency: int | None = None,
     ) -> None:
+        if isinstance(url, os.PathLike):
+            url = os.fspath(url)
         if not isinstance(url, str) or not url:
-            raise ValueError(f"repository URL must be a non-empty string, got {url!r}")
+            raise ValueError(f"repository URL must be a non-empty string or path, got {url!r}")
         self.url = url
         options = dict(storage_options or {})
         if options.get("use_listings_cache"):
@@ -653,7 +655,7 @@ def _read_local(path: str) -> tuple[memoryview, str]:
         n = os.fstat(f.fileno()).st_size
         array: Any = np.empty(n, dtype=np.uint8)
         view = memoryview(array).cast("B")
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if n > READ_CHUNK else blake3.blake3()
+        hasher = format_hasher(n)
         got = 0
         while got < n:
             k = f.readinto(view[got : got + READ_CHUNK])

@@ -4,6 +4,7 @@ errors surface at the next save, wait or close; interpreter exit waits for the p
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 import textwrap
@@ -59,6 +60,38 @@ def test_buffers_are_reused_between_saves(repo_url: str) -> None:
     mgr.wait()
     assert {k: v.data_ptr() for k, v in mgr._snapshots._buffers.items()} == first
     mgr.close()
+
+
+def _thread_nice(tid: int) -> int:
+    """The nice value of this process's thread ``tid`` (Linux /proc)."""
+    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])  # field 19 of stat, nice (the fields after the name start at field 3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux only")
+@pytest.mark.parametrize("nice", [None, 0, 19])
+def test_the_background_writer_runs_at_a_lower_priority_than_training(tmp_path: Path, nice: int | None) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    kwargs = {} if nice is None else {"writer_nice": nice}
+    model = _model()
+    mgr = CheckpointManager(tmp_path / "repo", {"model": model}, async_save=True, rng=False, **kwargs)
+    mgr.save(1)
+    assert mgr.wait() is not None
+    want = min(19, base + (10 if nice is None else nice))
+    assert mgr._writer is not None and mgr._writer._thread.native_id is not None
+    assert _thread_nice(mgr._writer._thread.native_id) == want
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base, "the training thread's priority changed"
+    mgr.close()
+    fresh = _model()
+    ckptkit.restore(tmp_path / "repo", {"model": fresh})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("bad", [-1, 20, 2.5, True])
+def test_writer_nice_out_of_range_is_refused(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(ValueError, match="writer_nice"):
+        CheckpointManager(tmp_path / "repo", {"model": _model()}, async_save=True, writer_nice=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").rglob("*.json"))
 
 
 def test_a_background_error_is_raised_by_the_next_call_never_lost(repo_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
