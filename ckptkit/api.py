@@ -182,7 +182,7 @@ def commit_captured(
     )
     raw = dump_manifest(manifest)
     with r.pending(packed):
-        r.write_objects([(h, obj.chunks()) for h, obj in packed.items() if not r.has_object(h)])
+        r.write_objects([(h, packed[h].chunks()) for h in r.missing_objects(packed)])
         r.commit(name, raw)
     return manifest
 

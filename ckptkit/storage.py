@@ -188,6 +188,24 @@ class Repository:
         written with one PUT or a completed multipart upload on object stores)."""
         return bool(self.fs.exists(self.object_path(h)))
 
+    def missing_objects(self, hashes: Iterable[str]) -> list[str]:
+        """The hashes among ``hashes`` with no stored object, in order (on S3 the HEADs run concurrently)."""
+        hs = list(hashes)
+        if not self.s3 or len(hs) < 2:
+            return [h for h in hs if not self.has_object(h)]
+
+        async def heads() -> list[bool]:
+            slots = asyncio.Semaphore(max(self.max_concurrency, 8))
+
+            async def one(h: str) -> bool:
+                async with slots:
+                    return bool(await self.fs._exists(self.object_path(h)))
+
+            return list(await asyncio.gather(*(one(h) for h in hs)))
+
+        exists = asyncio.run_coroutine_threadsafe(heads(), self.fs.loop).result()
+        return [h for h, e in zip(hs, exists, strict=True) if not e]
+
     def write_object(self, h: str, chunks: Iterable[memoryview]) -> int:
         """Store an object under its hash. The caller computed ``h`` over ``chunks``; returns bytes written."""
         path = self.object_path(h)
@@ -207,45 +225,70 @@ class Repository:
         return self.fs.call_s3(method, **kwargs)
 
     def _write_s3(self, path: str, views: list[memoryview]) -> int:
-        """One PUT for an object up to ``part_size``; a multipart upload (``max_concurrency`` parts in flight)
-        above. The object appears only when the upload completes; a failed upload is aborted."""
+        return self._write_s3_many([(path, views)])
+
+    def _write_s3_many(self, objects: list[tuple[str, list[memoryview]]]) -> int:
+        """Upload objects with at most ``max_concurrency`` requests in flight across all of them: one PUT for an
+        object up to ``part_size``, a multipart upload above (the object appears only when its upload
+        completes). On any error every upload this call started and did not complete is aborted."""
+        future = asyncio.run_coroutine_threadsafe(self._s3_upload_all(objects), self.fs.loop)
+        try:
+            return int(future.result())
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt here: the uploads are cancelled and aborted on the loop
+            with contextlib.suppress(BaseException):
+                concurrent.futures.wait([future], timeout=60)
+            raise
+
+    async def _s3_upload_all(self, objects: list[tuple[str, list[memoryview]]]) -> int:
+        slots = asyncio.Semaphore(self.max_concurrency)  # wakes waiters in order: objects finish roughly in order
+        open_uploads: dict[str, tuple[str, str]] = {}  # upload id -> (bucket, key), until completed
+        tasks = [asyncio.ensure_future(self._s3_upload_one(path, views, slots, open_uploads))
+                 for path, views in objects]  # fmt: skip
+        try:
+            return sum(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for upload, (bucket, key) in open_uploads.items():
+                with contextlib.suppress(Exception):  # the original error matters; gc aborts what this leaves
+                    await self.fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
+            raise
+
+    async def _s3_upload_one(self, path: str, views: list[memoryview], slots: asyncio.Semaphore,
+                             open_uploads: dict[str, tuple[str, str]]) -> int:  # fmt: skip
         bucket, key, _ = self.fs.split_path(path)
         size = sum(len(v) for v in views)
         if size <= self.part_size:
-            self._s3_call("put_object", Bucket=bucket, Key=key, Body=b"".join(views))
+            async with slots:
+                await self.fs._call_s3("put_object", Bucket=bucket, Key=key, Body=b"".join(views))
             return size
         part = max(self.part_size, math.ceil(size / _S3_MAX_PARTS))
-        upload = self._s3_call("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
-        loop = self.fs.loop
-        in_flight: dict[concurrent.futures.Future[Any], int] = {}
-        done: dict[int, dict[str, Any]] = {}
+        async with slots:
+            upload = (await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key))["UploadId"]
+        open_uploads[upload] = (bucket, key)
 
-        def collect(futures: Iterable[concurrent.futures.Future[Any]]) -> None:
-            for f in futures:
-                n = in_flight.pop(f)
-                out = f.result()
-                checksums = {k: v for k, v in out.items() if k.startswith("Checksum") and k != "ChecksumType"}
-                done[n] = {"PartNumber": n, "ETag": out["ETag"], **checksums}
+        async def send(n: int, start: int) -> dict[str, Any]:
+            async with slots:
+                body = _slice(views, start, min(size, start + part))  # one part's copy, only while in flight
+                out = await self.fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=n,
+                                             Body=body)  # fmt: skip
+            checksums = {k: v for k, v in out.items() if k.startswith("Checksum") and k != "ChecksumType"}
+            return {"PartNumber": n, "ETag": out["ETag"], **checksums}
 
+        sends = [asyncio.ensure_future(send(n, start)) for n, start in enumerate(range(0, size, part), start=1)]
         try:
-            for n, body in enumerate(_parts(views, part), start=1):
-                while len(in_flight) >= self.max_concurrency:
-                    finished, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-                    collect(finished)
-                coro = self.fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=n,
-                                        Body=body)  # fmt: skip
-                in_flight[asyncio.run_coroutine_threadsafe(coro, loop)] = n
-            collect(list(concurrent.futures.wait(in_flight).done))
-            parts = [done[n] for n in sorted(done)]
-            self._s3_call("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload,
-                          MultipartUpload={"Parts": parts})  # fmt: skip
+            parts = await asyncio.gather(*sends)
         except BaseException:
-            for f in in_flight:
-                f.cancel()
-            concurrent.futures.wait(in_flight, timeout=30)
-            with contextlib.suppress(Exception):  # the original error matters; gc aborts what this leaves
-                self._s3_call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
+            for t in sends:
+                t.cancel()
+            await asyncio.gather(*sends, return_exceptions=True)
             raise
+        async with slots:
+            await self.fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload,
+                                   MultipartUpload={"Parts": parts})  # fmt: skip
+        del open_uploads[upload]
         return size
 
     def _s3_commit(self, path: str, manifest: bytes) -> bool:
@@ -342,6 +385,9 @@ class Repository:
         An object appears under its final name only after its bytes are on disk, so a crash at any moment
         leaves complete objects and temporary files (removed by gc), never a partial object.
         """
+        if self.s3:
+            return self._write_s3_many([(self.object_path(h), [memoryview(c).cast("B") for c in chunks])
+                                        for h, chunks in objects])  # fmt: skip
         if not self.local:
             return sum(self.write_object(h, chunks) for h, chunks in objects)
         written = 0
@@ -592,22 +638,18 @@ def _is_s3(fs: Any) -> bool:
     return "s3" in protocols and hasattr(fs, "_call_s3") and hasattr(fs, "split_path")
 
 
-def _parts(views: list[memoryview], part: int) -> Iterator[bytes]:
-    """The bytes of ``views`` in consecutive pieces of ``part`` bytes (the last one shorter)."""
-    pending: list[memoryview] = []
-    have = 0
-    for view in views:
-        v = view
-        while v:
-            take = v[: part - have]
-            pending.append(take)
-            have += len(take)
-            v = v[len(take) :]
-            if have == part:
-                yield b"".join(pending)
-                pending, have = [], 0
-    if have:
-        yield b"".join(pending)
+def _slice(views: list[memoryview], start: int, end: int) -> bytes:
+    """Bytes ``start:end`` of the concatenation of ``views``."""
+    out: list[memoryview] = []
+    offset = 0
+    for v in views:
+        lo, hi = max(start - offset, 0), min(end - offset, len(v))
+        if lo < hi:
+            out.append(v[lo:hi])
+        offset += len(v)
+        if offset >= end:
+            break
+    return b"".join(out)
 
 
 def _s3_error(err: BaseException) -> tuple[str | None, int | None]:

@@ -229,6 +229,35 @@ def test_a_large_object_goes_up_in_parts_concurrently_and_round_trips(s3: Any) -
     print(f"\n40 MiB object: {parts} parts of 8 MiB, up to {stats['max_in_flight']} at once, saved in {took:.2f}s")
 
 
+def test_the_objects_of_a_save_share_one_budget_of_parts_in_flight(s3: Any) -> None:
+    url = s3.fresh_url()
+    repo = _private(url, part_size=5 * MIB, max_concurrency=4)
+    stats = _count_part_uploads(repo)
+    state = {f"t{i}": torch.full((3 * MIB,), float(i)) for i in range(3)}  # 12 MiB each: one object, 3 parts
+    m = ckptkit.save(repo, {"s": state}, "a", rng=False, object_size=12 * MIB)
+    assert len(m.objects) == 3 and stats["parts"] == 9
+    # more parts at once than one object has: the next object's parts start while the last ones are in flight
+    assert stats["max_in_flight"] == 4, stats
+    assert _uploads(repo) == []
+    out = ckptkit.restore(Repository(url), {}, "a", rng=False).values["s"]
+    assert all(torch.equal(out[k], v) for k, v in state.items())
+
+
+def test_a_part_failing_in_a_save_aborts_every_upload_of_the_save(s3: Any) -> None:
+    url = s3.fresh_url()
+    repo = _private(url, part_size=5 * MIB, max_concurrency=4)
+    stats = _count_part_uploads(repo, fail_at=3)
+    state = {f"t{i}": torch.full((3 * MIB,), float(i)) for i in range(3)}
+    with pytest.raises(OSError, match="injected"):
+        ckptkit.save(repo, {"s": state}, "a", rng=False, object_size=12 * MIB)
+    assert stats["parts"] >= 3
+    assert checkpoints(url) == [] and repo.list_objects() == {}
+    assert _uploads(repo) == [], "uploads of the failed save were left open"
+    del repo.fs._call_s3
+    m = ckptkit.save(repo, {"s": state}, "a", rng=False, object_size=12 * MIB)  # the retry stores it whole
+    assert all(r.ok for r in ckptkit.verify(url)) and len(m.objects) == 3
+
+
 def test_small_objects_are_one_put(s3: Any) -> None:
     repo = _private(s3.fresh_url(), part_size=5 * MIB)
     stats = _count_part_uploads(repo)
