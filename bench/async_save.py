@@ -17,7 +17,8 @@ bench/save_load.py (an fp32 MLP + its AdamW moments of about ``--size-mib``):
   synchronous save); ``async_block_vs_sync`` is the async blocking time divided by it.
 * async: ``mgr.save(step)`` of a manager with ``async_save=True`` and ``Retention(keep_last=1)`` (the previous
   checkpoint is pruned and its objects gc'd in the background). One training step of the big model precedes
-  every save, so every object is new and written (nothing is deduplicated). The manager's first save allocates
+  every save, so every object is new and written (nothing is deduplicated). The writer runs at the manager's
+  default priority (``writer_nice=10``) unless ``--writer-nice`` says otherwise. The manager's first save allocates
   its host buffers; from the second save on they are reused. The first save is timed once and reported apart;
   the blocking medians are of saves 2 and later. ``mgr.wait()`` of the previous save is never timed.
 * training steps: forward + backward + AdamW step of a separate small MLP (a step takes tens of ms here) with a
