@@ -38,28 +38,42 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from save_load import DEFAULT_DIR, MiB, build_state, flat_tensors, log, mlp, remove
+from common import (
+    MiB,
+    Row,
+    Series,
+    Targets,
+    check_common,
+    emit,
+    format_table,
+    interleaved_rounds,
+    load_note,
+    log,
+    machine,
+    parser,
+    passes,
+    scratch_dir,
+    verdict,
+)
+from save_load import build_state, flat_tensors, mlp, remove
 
 import ckptkit
 
-TARGETS: dict[str, tuple[str, float]] = {  # key -> (comparison, bound)
+TARGETS: Targets = {
     "async_block_vs_copy": ("<=", 1.5),
     "async_block_vs_sync": ("<=", 0.15),
     "step_slowdown_during_save": ("<=", 1.3),
@@ -102,28 +116,6 @@ class Trainer:
         self.model(self.x).pow(2).mean().backward()
         self.opt.step()
         return time.perf_counter() - t0
-
-
-@dataclass
-class Series:
-    """Timings of one measured quantity (seconds), one or many per round."""
-
-    key: str
-    label: str
-    times: list[float] = field(default_factory=list)
-    nbytes: int = 0
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-    @property
-    def best(self) -> float:
-        return min(self.times)
-
-    @property
-    def gbps(self) -> float:
-        return self.nbytes / self.median / 1e9 if self.nbytes else math.nan
 
 
 @dataclass
@@ -256,18 +248,8 @@ def measure(
 
     methods: list[Callable[[bool], None]] = [run_copy, run_torch_save, run_async, run_alone, run_async_t1,
                                              run_alone_t1]  # fmt: skip
-    gc.collect()
-    gc.freeze()  # later collections (one before each timed call) only scan what the benchmark itself allocated
-    try:
-        for r in range(-warmup, runs):
-            shift = r % len(methods)
-            for m in methods[shift:] + methods[:shift]:  # interleaved, starting method rotating each round
-                gc.collect()
-                m(r >= 0)
-            log(f"round {r + 1}/{runs}" if r >= 0 else "warm-up round done")
-        mgr.close()
-    finally:
-        gc.unfreeze()  # frozen objects are never collected, which native extensions report as leaks at exit
+    interleaved_rounds(methods, runs, warmup)
+    mgr.close()
 
     def window_info(ws: list[Window], alone: Series) -> dict[str, Any]:
         wall = sum(w.loop_s for w in ws)
@@ -302,13 +284,8 @@ def measure(
 # --- report ----------------------------------------------------------------------------------------------------
 
 
-def passes(key: str, value: float) -> bool:
-    op, bound = TARGETS[key]
-    return value >= bound if op == ">=" else value <= bound
-
-
 def table(s: dict[str, Series], ratios: dict[str, float], note: str) -> str:
-    rows: list[tuple[str, str, str, str, str, str]] = []
+    rows: list[Row] = []
 
     def series_row(key: str) -> None:
         m = s[key]
@@ -318,14 +295,9 @@ def table(s: dict[str, Series], ratios: dict[str, float], note: str) -> str:
 
     def ratio_row(key: str, label: str, target_key: str | None = None) -> None:
         v = ratios[key]
-        tk = target_key or key
-        if tk in TARGETS:
-            op, bound = TARGETS[tk]
-            target, ok = f"{op} {bound:g}", ("PASS" if passes(tk, v) else "FAIL")
-            if target_key:
-                ok = f"({ok})"  # informational: the same bound, not a target of its own
-        else:
-            target, ok = "-", "-"
+        target, ok = verdict(TARGETS, target_key or key, v)
+        if target_key and ok != "-":
+            ok = f"({ok})"  # informational: the same bound, not a target of its own
         rows.append((f"  {key} {label}".rstrip(), "-", "-", f"{v:.3f}", target, ok))
 
     for k in ("copy", "torch_save", "first_block", "block"):
@@ -338,31 +310,19 @@ def table(s: dict[str, Series], ratios: dict[str, float], note: str) -> str:
     for k in ("step_alone_t1", "step_during_t1"):
         series_row(k)
     ratio_row("step_slowdown_during_save_threads1", "(median step time)", "step_slowdown_during_save")
-    header = ("name", "median_s", "GB/s", "ratio", "target", "pass")
-    w0 = max(len(header[0]), *(len(r[0]) for r in rows))
-    widths = [w0, 9, 7, 7, 7, 6]
-
-    def fmt(r: tuple[str, ...]) -> str:
-        return "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
-
-    lines = [note, fmt(header), "-" * len(fmt(header))]
-    lines += [fmt(r) for r in rows]
-    return "\n".join(lines)
+    return format_table(note, rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = parser(__doc__)
     p.add_argument("--size-mib", type=int, default=1024, help="model + AdamW state size in MiB (default 1024)")
-    p.add_argument("--runs", type=int, default=5, help="timed interleaved rounds; the median is reported")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (default 1)")
     p.add_argument("--steps", type=int, default=20, help="training steps per 'alone' round (default 20)")
     p.add_argument("--writer-nice", type=int, default=None, help="CheckpointManager(writer_nice=N): the "
                    "background writer's priority below training's (default: ckptkit's default)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"where the temporary directory goes ({DEFAULT_DIR})")
     args = p.parse_args(argv)
-    if args.size_mib < 1 or args.runs < 1 or args.warmup < 0 or args.steps < 1:
-        p.error("--size-mib, --runs and --steps must be positive, --warmup non-negative")
+    check_common(p, args)
+    if args.steps < 1:
+        p.error("--steps must be positive")
     return args
 
 
@@ -370,16 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(0)
     load_before = os.getloadavg()
-    created = not os.path.exists(args.dir)
-    os.makedirs(args.dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="ckptkit-bench-async-", dir=args.dir)
-    try:
+    with scratch_dir(args.dir, "ckptkit-bench-async-") as tmp:
         s, info = measure(tmp, args.size_mib, args.runs, args.warmup, args.steps, args.writer_nice)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):  # not empty: something else uses it
-                os.rmdir(args.dir)
 
     ratios = {
         "async_block_vs_copy": s["block"].median / (s["copy"].median + ALLOWANCE_S),
@@ -395,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **ratios,
         "ratios_by_min": by_min,
         "targets": {k: f"{op} {bound:g}" for k, (op, bound) in TARGETS.items()},
-        "pass": {k: passes(k, ratios[k]) for k in TARGETS},
+        "pass": {k: passes(TARGETS, k, ratios[k]) for k in TARGETS},
         "runs": args.runs,
         "state_bytes": info["state_bytes"],
         "model": f"MLP {info['layers']} x Linear({info['width']}, {info['width']}) fp32 + AdamW",
@@ -414,27 +366,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for k, m in s.items()
         },
         "windows": info["windows"],
-        "cpu_count": info["cpu_count"],
         "torch_threads": info["torch_threads"],
         "writer_nice": info["writer_nice"],
-        "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],  # other work on the machine
+        **machine(load_before),
         "dir": args.dir,
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+    def text() -> str:
         note = (
             f"state {info['state_bytes'] / MiB:.0f} MiB ({result['model']}), training model "
             f"{result['training_model']}, median of {args.runs} interleaved rounds, local disk under {args.dir}, "
-            f"{info['cpu_count']} CPUs, torch threads {info['torch_threads']}, writer_nice {info['writer_nice']}, "
-            f"1-min load average "
-            f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
+            f"torch threads {info['torch_threads']}, writer_nice {info['writer_nice']}, {load_note(load_before)}"
         )
-        print(table(s, ratios, note))
+        lines = [table(s, ratios, note)]
         for k, w in info["windows"].items():
-            print(f"during-save windows ({k}): steps per save {w['steps_during']}, training time lost per save "
-                  f"{w['train_time_lost_per_save_s']:.2f} s, process CPU {w['process_cpu_cores_busy']:.2f} of "
-                  f"{info['cpu_count']} cores busy")  # fmt: skip
+            lines.append(f"during-save windows ({k}): steps per save {w['steps_during']}, training time lost per "
+                         f"save {w['train_time_lost_per_save_s']:.2f} s, process CPU "
+                         f"{w['process_cpu_cores_busy']:.2f} of {os.cpu_count()} cores busy")  # fmt: skip
+        return "\n".join(lines)
+
+    emit(result, args.json, text)
     return result
 
 

@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib.util
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -46,12 +43,31 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from save_load import DEFAULT_DIR, Method, MiB, build_state, log, repo_bytes
+from common import (
+    Method,
+    MiB,
+    Row,
+    Targets,
+    check_common,
+    emit,
+    format_table,
+    interleaved_rounds,
+    load_note,
+    log,
+    machine,
+    method_calls,
+    method_row,
+    parser,
+    passes,
+    scratch_dir,
+    verdict,
+)
+from save_load import build_state, repo_bytes
 
 import ckptkit
 from ckptkit.storage import Repository
 
-TARGETS: dict[str, tuple[str, float]] = {"s3_save_vs_boto3": (">=", 0.8)}  # key -> (comparison, bound)
+TARGETS: Targets = {"s3_save_vs_boto3": (">=", 0.8)}
 PART_SIZE = 8 * MiB
 MAX_CONCURRENCY = 10
 BUCKET = "ckptkit-bench"
@@ -198,25 +214,10 @@ def measure(tmp: str, srv: Server, size_mib: int, runs: int, warmup: int) -> tup
         return dt, nbytes
 
     methods = [
-        Method("ckptkit", "ckptkit.save to s3:// (fresh prefix)", ckptkit_save),
-        Method("boto3", "boto3 upload_file (same bytes)", boto3_upload),
+        Method("ckptkit", "ckptkit.save to s3:// (fresh prefix)", run=ckptkit_save),
+        Method("boto3", "boto3 upload_file (same bytes)", run=boto3_upload),
     ]
-    counter = 0
-    gc.collect()
-    gc.freeze()  # later collections (one before each timed call) only scan what the benchmark itself allocated
-    try:
-        for r in range(-warmup, runs):
-            shift = r % len(methods)
-            for m in methods[shift:] + methods[:shift]:  # interleaved, starting method alternating each round
-                gc.collect()
-                dt, n = m.run(counter)
-                counter += 1
-                if r >= 0:
-                    m.times.append(dt)
-                    m.nbytes = n
-            log(f"round {r + 1}/{runs}" if r >= 0 else "warm-up round done")
-    finally:
-        gc.unfreeze()  # frozen objects are never collected, which native extensions report as leaks at exit
+    interleaved_rounds(method_calls(methods), runs, warmup)
     info = {"state_bytes": nbytes, "objects": len(manifest.objects), "width": width, "layers": 8,
             "osd_rss_peak_bytes": osd_peak}  # fmt: skip
     return {m.key: m for m in methods}, info
@@ -225,41 +226,19 @@ def measure(tmp: str, srv: Server, size_mib: int, runs: int, warmup: int) -> tup
 # --- report ----------------------------------------------------------------------------------------------------
 
 
-def passes(key: str, value: float) -> bool:
-    op, bound = TARGETS[key]
-    return value >= bound if op == ">=" else value <= bound
-
-
 def table(methods: dict[str, Method], ratios: dict[str, float], note: str) -> str:
-    rows: list[tuple[str, str, str, str, str, str]] = []
-    for m in methods.values():
-        rows.append((m.label, f"{m.median:.3f}", f"{m.gbps:.3f}", "-", "-", "-"))
-    for key, v in ratios.items():
-        op, bound = TARGETS[key]
-        rows.append((f"  {key} (throughput)", "-", "-", f"{v:.3f}", f"{op} {bound:g}",
-                     "PASS" if passes(key, v) else "FAIL"))  # fmt: skip
-    header = ("name", "median_s", "GB/s", "ratio", "target", "pass")
-    w0 = max(len(header[0]), *(len(r[0]) for r in rows))
-    widths = [w0, 9, 7, 7, 7, 5]
-
-    def fmt(r: tuple[str, ...]) -> str:
-        return "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
-
-    return "\n".join([note, fmt(header), "-" * len(fmt(header)), *(fmt(r) for r in rows)])
+    rows: list[Row] = [method_row(m) for m in methods.values()]
+    rows += [(f"  {key} (throughput)", "-", "-", f"{v:.3f}", *verdict(TARGETS, key, v)) for key, v in ratios.items()]
+    return format_table(note, rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = parser(__doc__)
     p.add_argument("--size-mib", type=int, default=None, help=f"model + AdamW state size in MiB (default "
                    f"{DEFAULT_SIZE_MIB}, less when the server's memory store or this machine's memory is "
                    "short)")  # fmt: skip
-    p.add_argument("--runs", type=int, default=5, help="timed interleaved rounds; the median is reported")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (default 1)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"where the temporary directory goes ({DEFAULT_DIR})")
     args = p.parse_args(argv)
-    if (args.size_mib is not None and args.size_mib < 1) or args.runs < 1 or args.warmup < 0:
-        p.error("--size-mib and --runs must be positive, --warmup non-negative")
+    check_common(p, args)
     return args
 
 
@@ -267,24 +246,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(0)
     load_before = os.getloadavg()
-    created = not os.path.exists(args.dir)
-    os.makedirs(args.dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="ckptkit-bench-s3-", dir=args.dir)
-    srv: Server | None = None
-    try:
+    with scratch_dir(args.dir, "ckptkit-bench-s3-") as tmp:
         srv = Server(os.path.join(tmp, "s3server"))
-        store = memstore_bytes(srv.server.directory)
-        size_mib, size_why = choose_size(args.size_mib, store, mem_available())
-        log(f"S3 server up in {srv.startup_s:.1f} s at {srv.server.endpoint}; state size {size_mib} MiB ({size_why})")
-        methods, info = measure(tmp, srv, size_mib, args.runs, args.warmup)
-        startup = srv.startup_s
-    finally:
-        if srv is not None:
+        try:
+            store = memstore_bytes(srv.server.directory)
+            size_mib, size_why = choose_size(args.size_mib, store, mem_available())
+            log(f"S3 server up in {srv.startup_s:.1f} s at {srv.server.endpoint}; state size {size_mib} MiB "
+                f"({size_why})")  # fmt: skip
+            methods, info = measure(tmp, srv, size_mib, args.runs, args.warmup)
+        finally:
             srv.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):  # not empty: something else uses it
-                os.rmdir(args.dir)
 
     ck, b3 = methods["ckptkit"], methods["boto3"]
     ratios = {"s3_save_vs_boto3": ck.gbps / b3.gbps}
@@ -293,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **ratios,
         "ratios_by_min": by_min,
         "targets": {k: f"{op} {bound:g}" for k, (op, bound) in TARGETS.items()},
-        "pass": {k: passes(k, ratios[k]) for k in TARGETS},
+        "pass": {k: passes(TARGETS, k, ratios[k]) for k in TARGETS},
         "runs": args.runs,
         "size_mib": size_mib,
         "size_note": size_why,
@@ -306,21 +277,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             k: {"median_s": m.median, "min_s": m.best, "gbps": m.gbps, "bytes": m.nbytes, "times_s": m.times}
             for k, m in methods.items()
         },
-        "server": {"startup_s": startup, "memstore_bytes": store, "osd_rss_peak_bytes": info["osd_rss_peak_bytes"]},
-        "cpu_count": os.cpu_count(),
-        "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],  # other work on the machine
+        "server": {
+            "startup_s": srv.startup_s,
+            "memstore_bytes": store,
+            "osd_rss_peak_bytes": info["osd_rss_peak_bytes"],
+        },
+        **machine(load_before),
         "dir": args.dir,
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        note = (
-            f"state {info['state_bytes'] / MiB:.0f} MiB ({size_why}; {result['model']}, {info['objects']} objects), "
-            f"part size {PART_SIZE // MiB} MiB, {MAX_CONCURRENCY} parts in flight, median of {args.runs} interleaved "
-            f"rounds, Ceph RGW (memstore) on 127.0.0.1, {os.cpu_count()} CPUs, 1-min load average "
-            f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
-        )
-        print(table(methods, ratios, note))
+    note = (
+        f"state {info['state_bytes'] / MiB:.0f} MiB ({size_why}; {result['model']}, {info['objects']} objects), "
+        f"part size {PART_SIZE // MiB} MiB, {MAX_CONCURRENCY} parts in flight, median of {args.runs} interleaved "
+        f"rounds, Ceph RGW (memstore) on 127.0.0.1, {load_note(load_before)}"
+    )
+    emit(result, args.json, lambda: table(methods, ratios, note))
     return result
 
 

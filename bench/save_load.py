@@ -24,19 +24,13 @@ and the median of the timed rounds is reported, after one untimed warm-up round.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import json
 import math
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +39,31 @@ from safetensors.torch import save_file
 
 import ckptkit
 
-MiB = 1 << 20
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".bench-tmp"
-TARGETS: dict[str, tuple[str, float]] = {  # key -> (comparison, bound)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    Method,
+    MiB,
+    Row,
+    Targets,
+    check_common,
+    emit,
+    format_table,
+    interleaved_rounds,
+    log,
+    method_calls,
+    method_row,
+    parser,
+    passes,
+    scratch_dir,
+    verdict,
+)
+
+TARGETS: Targets = {
     "save_vs_dd": (">=", 0.85),
     "save_vs_torch_save": (">=", 1.4),
     "restore_vs_torch_load": ("<=", 1.0),
     "dedup_vs_min": ("<=", 1.05),
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --- the state -------------------------------------------------------------------------------------------------
@@ -132,29 +139,6 @@ def repo_bytes(manifest: ckptkit.schema.Manifest) -> int:
 def dd_supports_count_bytes() -> bool:
     probe = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=1", "iflag=count_bytes"]
     return subprocess.run(probe, capture_output=True, check=False).returncode == 0
-
-
-@dataclass
-class Method:
-    """A benchmarked operation: ``run(i)`` does it once and returns (seconds, bytes moved)."""
-
-    key: str
-    label: str
-    run: Callable[[int], tuple[float, int]]
-    times: list[float] = field(default_factory=list)
-    nbytes: int = 0
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-    @property
-    def best(self) -> float:
-        return min(self.times)
-
-    @property
-    def gbps(self) -> float:
-        return self.nbytes / self.median / 1e9
 
 
 # --- the throughput benchmark ----------------------------------------------------------------------------------
@@ -234,29 +218,14 @@ def throughput(tmp: str, size_mib: int, runs: int, warmup: int) -> tuple[dict[st
         return dt, restore_bytes
 
     methods = [
-        Method("dd", "dd if=/dev/zero conv=fsync", dd),
-        Method("torch_save", "torch.save + fsync", torch_save),
-        Method("safetensors_save", "safetensors save_file + fsync", safetensors_save),
-        Method("ckptkit_save", "ckptkit.save (fresh repo)", ckptkit_save),
-        Method("torch_load", "torch.load + load_state_dict x2", torch_load),
-        Method("ckptkit_restore", "ckptkit.restore", ckptkit_restore),
+        Method("dd", "dd if=/dev/zero conv=fsync", run=dd),
+        Method("torch_save", "torch.save + fsync", run=torch_save),
+        Method("safetensors_save", "safetensors save_file + fsync", run=safetensors_save),
+        Method("ckptkit_save", "ckptkit.save (fresh repo)", run=ckptkit_save),
+        Method("torch_load", "torch.load + load_state_dict x2", run=torch_load),
+        Method("ckptkit_restore", "ckptkit.restore", run=ckptkit_restore),
     ]
-    gc.collect()
-    gc.freeze()  # later collections (one before each timed call) only scan what the benchmark itself allocated
-    counter = 0
-    try:
-        for r in range(-warmup, runs):
-            shift = r % len(methods)
-            for m in methods[shift:] + methods[:shift]:  # interleaved, starting method rotating each round
-                gc.collect()
-                dt, n = m.run(counter)
-                counter += 1
-                if r >= 0:
-                    m.times.append(dt)
-                    m.nbytes = n
-            log(f"round {r + 1}/{runs}" if r >= 0 else "warm-up round done")
-    finally:
-        gc.unfreeze()  # frozen objects are never collected, which native extensions report as leaks at exit
+    interleaved_rounds(method_calls(methods), runs, warmup)
     info = {"state_bytes": total, "ckptkit_bytes": ckpt_bytes, "width": width, "layers": 8}
     return {m.key: m for m in methods}, info
 
@@ -309,45 +278,21 @@ def dedup(tmp: str, size_mib: int, saves: int = 10) -> dict[str, Any]:
 # --- report ----------------------------------------------------------------------------------------------------
 
 
-def passes(key: str, value: float) -> bool:
-    op, bound = TARGETS[key]
-    return value >= bound if op == ">=" else value <= bound
-
-
 def table(methods: dict[str, Method], ratios: dict[str, float], dd_info: dict[str, Any], size_note: str) -> str:
-    rows: list[tuple[str, str, str, str, str, str]] = []
-
-    def method_row(key: str) -> None:
-        m = methods[key]
-        rows.append((m.label, f"{m.median:.3f}", f"{m.gbps:.3f}", "-", "-", "-"))
+    rows: list[Row] = []
 
     def ratio_row(key: str, label: str, seconds: str = "-", gbps: str = "-") -> None:
         v = ratios[key]
-        if key in TARGETS:
-            op, bound = TARGETS[key]
-            target, ok = f"{op} {bound:g}", ("PASS" if passes(key, v) else "FAIL")
-        else:
-            target, ok = "-", "-"
-        rows.append((f"  {key} {label}".rstrip(), seconds, gbps, f"{v:.3f}", target, ok))
+        rows.append((f"  {key} {label}".rstrip(), seconds, gbps, f"{v:.3f}", *verdict(TARGETS, key, v)))
 
-    for k in ("dd", "torch_save", "safetensors_save", "ckptkit_save"):
-        method_row(k)
+    rows += [method_row(methods[k]) for k in ("dd", "torch_save", "safetensors_save", "ckptkit_save")]
     ratio_row("save_vs_dd", "(throughput)")
     ratio_row("save_vs_torch_save", "(throughput)")
     ratio_row("save_vs_safetensors", "(throughput)")
-    for k in ("torch_load", "ckptkit_restore"):
-        method_row(k)
+    rows += [method_row(methods[k]) for k in ("torch_load", "ckptkit_restore")]
     ratio_row("restore_vs_torch_load", "(time)")
     ratio_row("dedup_vs_min", "(stored / min bytes)", f"{dd_info['save_median_s']:.3f}")
-    header = ("name", "median_s", "GB/s", "ratio", "target", "pass")
-    w0 = max(len(header[0]), *(len(r[0]) for r in rows))
-    widths = [w0, 9, 7, 7, 7, 5]
-
-    def fmt(r: tuple[str, ...]) -> str:
-        return "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
-
-    lines = [size_note, fmt(header), "-" * len(fmt(header))]
-    lines += [fmt(r) for r in rows]
+    lines = [format_table(size_note, rows)]
     lines.append(
         f"dedup: {dd_info['saves']} checkpoints of a {dd_info['state_bytes'] / MiB:.0f} MiB state "
         f"({dd_info['frozen_fraction']:.0%} of parameters frozen) in one repository: stored "
@@ -358,17 +303,12 @@ def table(methods: dict[str, Method], ratios: dict[str, float], dd_info: dict[st
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = parser(__doc__)
     p.add_argument("--size-mib", type=int, default=1024, help="model + AdamW state size in MiB (default 1024)")
-    p.add_argument("--runs", type=int, default=5, help="timed interleaved rounds; the median is reported")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (default 1)")
     p.add_argument("--dedup-mib", type=int, default=None, help="state size of the dedup model (default "
                    "min(128, --size-mib))")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"where the temporary directory goes ({DEFAULT_DIR})")
     args = p.parse_args(argv)
-    if args.size_mib < 1 or args.runs < 1 or args.warmup < 0:
-        p.error("--size-mib and --runs must be positive, --warmup non-negative")
+    check_common(p, args)
     if args.dedup_mib is None:
         args.dedup_mib = min(128, args.size_mib)
     return args
@@ -377,17 +317,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(0)
-    created = not os.path.exists(args.dir)
-    os.makedirs(args.dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="ckptkit-bench-", dir=args.dir)
-    try:
+    with scratch_dir(args.dir, "ckptkit-bench-") as tmp:
         methods, info = throughput(tmp, args.size_mib, args.runs, args.warmup)
         dd_info = dedup(tmp, args.dedup_mib)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):  # not empty: something else uses it
-                os.rmdir(args.dir)
 
     ck_save = methods["ckptkit_save"].gbps
     ratios = {
@@ -410,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **ratios,
         "ratios_by_min": by_min,
         "targets": {k: f"{op} {bound:g}" for k, (op, bound) in TARGETS.items()},
-        "pass": {k: passes(k, ratios[k]) for k in TARGETS},
+        "pass": {k: passes(TARGETS, k, ratios[k]) for k in TARGETS},
         "runs": args.runs,
         "state_bytes": info["state_bytes"],
         "model": f"MLP {info['layers']} x Linear({info['width']}, {info['width']}) fp32 + AdamW",
@@ -421,14 +353,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dedup": dd_info,
         "dir": args.dir,
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        note = (
-            f"state {info['state_bytes'] / MiB:.0f} MiB ({result['model']}), median of {args.runs} interleaved "
-            f"rounds, local disk under {args.dir}, restores read from the page cache"
-        )
-        print(table(methods, ratios, dd_info, note))
+    note = (
+        f"state {info['state_bytes'] / MiB:.0f} MiB ({result['model']}), median of {args.runs} interleaved "
+        f"rounds, local disk under {args.dir}, restores read from the page cache"
+    )
+    emit(result, args.json, lambda: table(methods, ratios, dd_info, note))
     return result
 
 
