@@ -439,20 +439,8 @@ class Repository:
         Raises:
             CheckpointExistsError: a checkpoint of this name is already committed.
         """
-        path = self.manifest_path(name)
-        if self.local:
-            try:
-                self._write_local(path, [memoryview(manifest)], replace=False)
-            except FileExistsError:
-                raise CheckpointExistsError(self.url, name) from None
-            return
-        if self.fs.exists(path):
+        if not self._create_exclusive(self.manifest_path(name), manifest):
             raise CheckpointExistsError(self.url, name)
-        if self.s3:
-            if not self._s3_commit(path, manifest):
-                raise CheckpointExistsError(self.url, name)
-            return
-        self.fs.pipe_file(path, manifest)
 
     def read_manifest(self, name: str) -> bytes:
         """The raw bytes of a committed manifest."""
@@ -574,19 +562,40 @@ class Repository:
     def gc_lock(self) -> Iterator[None]:
         """Hold the repository's gc lock (see the module docstring for the protocol)."""
         path = self._p("gc.lock")
+        busy = f"another gc holds {path}; wait for it, or delete the file if it crashed"
         if self._gc_lock_held():
-            raise RepositoryBusyError(f"another gc holds {path}; wait for it, or delete the file if it crashed")
-        self._refresh_lock()
+            raise RepositoryBusyError(busy)
+        self._lock_time = time.monotonic()
+        if not self._create_exclusive(path, self._lock_owner()):  # two gcs that both saw no lock: one wins
+            raise RepositoryBusyError(busy)
         try:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(path)
 
+    def _lock_owner(self) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+
     def _refresh_lock(self) -> None:
         self._lock_time = time.monotonic()
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-        self._put_small(self._p("gc.lock"), json.dumps(owner).encode())
+        self._put_small(self._p("gc.lock"), self._lock_owner())
+
+    def _create_exclusive(self, path: str, data: bytes) -> bool:
+        """Write a small file only if nothing has its name (atomic on local disk and on S3 servers with
+        conditional writes; elsewhere a check before the write); False when something has."""
+        if self.local:
+            try:
+                self._write_local(path, [memoryview(data)], replace=False)
+            except FileExistsError:
+                return False
+            return True
+        if self.fs.exists(path):
+            return False
+        if self.s3:
+            return self._s3_commit(path, data)
+        self.fs.pipe_file(path, data)
+        return True
 
     def sweep(self, referenced: set[str], dry_run: bool = False) -> GcReport:
         """Delete unreferenced objects and stale temporary files. Call inside :meth:`gc_lock`, with

@@ -157,6 +157,18 @@ def test_second_gc_is_refused_while_one_runs(repo_url: str) -> None:
         gc(repo_url)
 
 
+def test_of_two_gcs_that_both_saw_no_lock_only_one_takes_it(repo_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = Repository(repo_url), Repository(repo_url)
+    with first.gc_lock():
+        held = first.fs.cat_file(first.root + "/gc.lock")
+        # The second gc checked for a lock just before the first one wrote it.
+        monkeypatch.setattr(second, "_gc_lock_held", lambda: False)
+        with pytest.raises(RepositoryBusyError, match=r"gc\.lock"), second.gc_lock():
+            pytest.fail("two gcs held the lock at once")
+        assert first.fs.cat_file(first.root + "/gc.lock") == held, "the loser replaced or removed the lock"
+    assert not first.fs.exists(first.root + "/gc.lock")
+
+
 def test_a_gc_lock_left_by_a_killed_process_does_not_block_saves(repo_url: str) -> None:
     import json
     import socket
