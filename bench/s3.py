@@ -121,7 +121,10 @@ class Server:
     """The Ceph S3 server, a boto3 client for it, and fsspec's S3 defaults pointing at it."""
 
     def __init__(self, directory: str) -> None:
-        import boto3
+        try:
+            import boto3
+        except ImportError as err:
+            raise SystemExit(f"bench/s3.py: its baseline needs boto3 ({err}): pip install -e '.[test]'") from err
         import fsspec.config
 
         mod = load_s3server()
