@@ -45,6 +45,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
 
 from ckptkit.errors import (
@@ -54,8 +55,7 @@ from ckptkit.errors import (
     CorruptObjectError,
     RepositoryBusyError,
 )
-from ckptkit.format import hash_bytes
-from ckptkit.format import hasher as format_hasher
+from ckptkit.format import hash_bytes, hasher
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -203,7 +203,7 @@ class Repository:
 
             return list(await asyncio.gather(*(one(h) for h in hs)))
 
-        exists = asyncio.run_coroutine_threadsafe(heads(), self.fs.loop).result()
+        exists = sync(self.fs.loop, heads)
         return [h for h, e in zip(hs, exists, strict=True) if not e]
 
     def write_object(self, h: str, chunks: Iterable[memoryview]) -> int:
@@ -212,7 +212,7 @@ class Repository:
         if self.local:
             return self._write_local(path, chunks, replace=True)
         if self.s3:
-            return self._write_s3(path, [memoryview(c).cast("B") for c in chunks])
+            return self._write_s3_many([(path, [memoryview(c).cast("B") for c in chunks])])
         # One PUT of the complete bytes: streaming through fs.open() would, on an error mid-way, close the file
         # and so store a truncated object under the hash of the whole one.
         data = b"".join(chunks)
@@ -223,9 +223,6 @@ class Repository:
 
     def _s3_call(self, method: str, **kwargs: Any) -> Any:
         return self.fs.call_s3(method, **kwargs)
-
-    def _write_s3(self, path: str, views: list[memoryview]) -> int:
-        return self._write_s3_many([(path, views)])
 
     def _write_s3_many(self, objects: list[tuple[str, list[memoryview]]]) -> int:
         """Upload objects with at most ``max_concurrency`` requests in flight across all of them: one PUT for an
@@ -706,15 +703,15 @@ def _read_local(path: str) -> tuple[memoryview, str]:
         n = os.fstat(f.fileno()).st_size
         array: Any = np.empty(n, dtype=np.uint8)
         view = memoryview(array).cast("B")
-        hasher = format_hasher(n)
+        h = hasher(n)
         got = 0
         while got < n:
             k = f.readinto(view[got : got + READ_CHUNK])
             if not k:
                 break  # the file shrank while we read: the size check reports it
-            hasher.update(view[got : got + k])
+            h.update(view[got : got + k])
             got += k
-    return view[:got], str(hasher.hexdigest())
+    return view[:got], str(h.hexdigest())
 
 
 def _write_all(fd: int, chunks: Iterable[memoryview]) -> int:
