@@ -8,6 +8,8 @@ import os
 import torch
 from pydantic import JsonValue
 
+__all__ = ["TorchvisionDetectionAdapter"]
+
 _HEADS = (
     "roi_heads.box_predictor",
     "roi_heads.mask_predictor.mask_fcn_logits",

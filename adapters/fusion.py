@@ -8,8 +8,10 @@ import os
 import torch
 from pydantic import JsonValue
 
-from ckptkit.adapter import ModelAdapter, get_adapter, registered
-from ckptkit.errors import CkptkitError
+from ckptkit.errors import MissingDependencyError
+from ckptkit.state.adapter import ModelAdapter, get_adapter, registered
+
+__all__ = ["FusionAdapter", "branches"]
 
 
 def branches(model: torch.nn.Module) -> dict[str, ModelAdapter]:
@@ -20,7 +22,7 @@ def branches(model: torch.nn.Module) -> dict[str, ModelAdapter]:
             continue
         try:
             frameworks.append(get_adapter(name))
-        except CkptkitError:
+        except MissingDependencyError:
             continue  # its framework is not installed, so no sub-module can be one of its models
     found: dict[str, ModelAdapter] = {}
     for path, mod in model.named_modules():

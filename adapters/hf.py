@@ -13,6 +13,10 @@ from typing import Any
 import torch
 from pydantic import JsonValue
 
+from ckptkit.errors import AdapterError, InvalidArgumentError, ManifestError, StateMismatchError
+
+__all__ = ["HFAdapter", "Tokenizer", "write_files"]
+
 _HEAD_NAMES = ("classifier", "score", "qa_outputs", "class_labels_classifier")
 
 
@@ -73,7 +77,8 @@ class HFAdapter:
         config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         cls = getattr(transformers, str(meta["class"]), None)
         if cls is None:
-            raise ValueError(f"transformers {transformers.__version__} has no class {meta['class']!r}")
+            raise AdapterError(f"transformers {transformers.__version__} has no class {meta['class']!r}: install the "
+                               "transformers version the checkpoint was saved with")
         return cls(config)  # type: ignore[no-any-return]
 
     def export(self, tensors: dict[str, torch.Tensor], meta: dict[str, JsonValue], dest: str) -> list[str]:
@@ -83,8 +88,10 @@ class HFAdapter:
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         really_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
         if really_missing or unexpected:
-            raise ValueError(f"checkpoint does not fit {meta['class']}: missing {really_missing[:5]}, "
-                             f"unexpected {list(unexpected)[:5]}")  # fmt: skip
+            raise StateMismatchError(
+                str(meta["class"]), f"missing {really_missing[:5]}, unexpected {list(unexpected)[:5]}",
+                "export the component the checkpoint saved with this model class",
+            )
         os.makedirs(dest, exist_ok=True)
         model.save_pretrained(dest)
         return sorted(os.path.join(dest, f) for f in os.listdir(dest))
@@ -94,7 +101,7 @@ class Tokenizer:
     """A tokenizer or processor saved with the checkpoint, as the files its ``save_pretrained`` writes.
 
     Pass it as a component: ``{"model": model, "tokenizer": Tokenizer(tok)}``. A restore loads it back with
-    ``AutoTokenizer`` (or ``AutoProcessor`` for a processor) into ``.tokenizer``; ``ckptkit.export`` writes the
+    ``AutoTokenizer`` (or ``AutoProcessor`` for a processor) into ``.tokenizer``; ``ckptkit.interop.export`` writes the
     files beside the exported model, so ``from_pretrained(folder)`` finds both.
     """
 
@@ -103,7 +110,7 @@ class Tokenizer:
 
     def state_dict(self) -> dict[str, Any]:
         if self.tokenizer is None:
-            raise ValueError("Tokenizer() holds no tokenizer to save: pass one, Tokenizer(tok)")
+            raise InvalidArgumentError("Tokenizer() holds no tokenizer to save: pass one, Tokenizer(tok)")
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,14 +137,15 @@ def write_files(state: dict[str, Any], dest: str) -> list[str]:
     """Write a saved tokenizer's files into ``dest``; names come from storage, so only plain file names pass."""
     files = state.get("files")
     if not isinstance(files, dict):
-        raise ValueError("tokenizer state holds no files")
+        raise ManifestError("tokenizer", "its state holds no files")
     written = []
     os.makedirs(dest, exist_ok=True)
     for name, data in files.items():
         if not isinstance(name, str) or name != os.path.basename(name) or name.startswith(".") or not name:
-            raise ValueError(f"refusing tokenizer file name {name!r} from the checkpoint (not a plain file name)")
+            raise ManifestError("tokenizer", f"refusing file name {str(name)[:80]!r} from the checkpoint (not a plain "
+                                "file name)")
         if not isinstance(data, bytes):
-            raise ValueError(f"tokenizer file {name!r} holds {type(data).__name__}, not bytes")
+            raise ManifestError("tokenizer", f"file {name!r} holds {type(data).__name__}, not bytes")
         path = os.path.join(dest, name)
         with open(path, "wb") as fh:
             fh.write(data)

@@ -8,6 +8,8 @@ import torch
 from pydantic import JsonValue
 from safetensors.torch import save_file
 
+__all__ = ["PlainModuleAdapter"]
+
 
 class PlainModuleAdapter:
     """Any ``nn.Module``: captures ``state_dict()`` and records the model's class."""

@@ -10,6 +10,8 @@ import torch
 from pydantic import JsonValue
 from safetensors.torch import save_file
 
+__all__ = ["TimmAdapter"]
+
 
 def _cfg(model: torch.nn.Module) -> dict[str, Any] | None:
     cfg = getattr(model, "pretrained_cfg", None)

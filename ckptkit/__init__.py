@@ -1,12 +1,29 @@
-"""ckptkit: resumable, continuable, transferable and auditable PyTorch training checkpoints on any storage."""
+"""ckptkit: resumable, continuable, transferable and auditable PyTorch training checkpoints on any storage.
 
-__version__ = "0.1.0"
+The surface is two levels: a few functions (``save``, ``restore``, ``inspect``, ``verify``, ``transfer``,
+``export``, ``import_from``) and one :class:`CheckpointManager`. Names are imported on first use, so that
+``import ckptkit.storage`` (or the CLI's listing verbs) does not pay for importing torch.
 
-from ckptkit.api import RestoreResult, inspect, restore, save, verify
-from ckptkit.export import export
-from ckptkit.importers import import_from
-from ckptkit.manager import CheckpointManager, Retention
-from ckptkit.transfer import TransferPlan, transfer
+Example:
+    >>> import torch, ckptkit
+    >>> m = ckptkit.save("memory://doc-init", {"model": torch.nn.Linear(2, 2)}, "first")
+    >>> ckptkit.inspect("memory://doc-init").name
+    'first'
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ckptkit.version import __version__
+
+if TYPE_CHECKING:
+    from ckptkit.api import RestoreResult, inspect, restore, save, verify
+    from ckptkit.interop.export import export
+    from ckptkit.interop.importers import import_from
+    from ckptkit.interop.transfer import TransferPlan, transfer
+    from ckptkit.manager import CheckpointManager, Retention
 
 __all__ = [
     "CheckpointManager",
@@ -22,3 +39,36 @@ __all__ = [
     "transfer",
     "verify",
 ]
+
+_WHERE = {
+    "CheckpointManager": "ckptkit.manager",
+    "Retention": "ckptkit.manager",
+    "RestoreResult": "ckptkit.api",
+    "inspect": "ckptkit.api",
+    "restore": "ckptkit.api",
+    "save": "ckptkit.api",
+    "verify": "ckptkit.api",
+    "export": "ckptkit.interop.export",
+    "import_from": "ckptkit.interop.importers",
+    "TransferPlan": "ckptkit.interop.transfer",
+    "transfer": "ckptkit.interop.transfer",
+}
+
+
+_SUBPACKAGES = {"api", "engine", "errors", "format", "hashing", "history", "interop", "manager", "schema", "state",
+                "storage", "training", "adapters", "cli"}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"ckptkit.{name}")
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'ckptkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # next access is a plain lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

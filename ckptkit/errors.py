@@ -7,6 +7,30 @@ so ``except FileNotFoundError`` keeps working around ckptkit calls.
 
 from __future__ import annotations
 
+__all__ = [
+    "AdapterError",
+    "ArgumentTypeError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "CkptkitError",
+    "CorruptObjectError",
+    "DestinationNotEmptyError",
+    "FormatVersionError",
+    "ImportFormatError",
+    "IncompleteCheckpointError",
+    "InvalidArgumentError",
+    "InvalidNameError",
+    "ManagerClosedError",
+    "ManifestError",
+    "MissingDependencyError",
+    "OptimizerMappingError",
+    "RepositoryBusyError",
+    "SourceFormatError",
+    "SourceNotFoundError",
+    "StateMismatchError",
+    "UnsupportedStateError",
+]
+
 
 class CkptkitError(Exception):
     """Root of every error raised by ckptkit."""
@@ -116,3 +140,70 @@ class UnsupportedStateError(CkptkitError, TypeError):
 
 class RepositoryBusyError(CkptkitError, RuntimeError):
     """Another process holds the repository's gc lock for longer than the caller waited."""
+
+
+class InvalidArgumentError(CkptkitError, ValueError):
+    """An argument's value is out of range or does not fit the others; the message says which and how to fix it."""
+
+
+class InvalidNameError(InvalidArgumentError):
+    """A checkpoint name, component name or hash that would become a storage path breaks the naming rule."""
+
+    def __init__(self, what: str, value: object, rule: str = "") -> None:
+        self.what = what
+        self.value = value
+        rule = rule or "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, not ending in .json"
+        super().__init__(f"invalid {what} {value!r}: use {rule} (it becomes a storage path)")
+
+
+class ArgumentTypeError(CkptkitError, TypeError):
+    """An argument has the wrong type; the message names the argument, the type given and the type expected."""
+
+
+class MissingDependencyError(CkptkitError, ImportError):
+    """An optional package that this call needs is not installed; the message says what to install."""
+
+
+class ManagerClosedError(CkptkitError, RuntimeError):
+    """A :class:`~ckptkit.CheckpointManager` was used after :meth:`close`."""
+
+
+class SourceNotFoundError(CkptkitError, FileNotFoundError):
+    """A file or folder given as a source (weights, optimizer state, a foreign checkpoint) does not exist."""
+
+    def __init__(self, path: str, what: str = "file or folder") -> None:
+        self.path = path
+        super().__init__(f"no such {what}: {path}; check the path (relative paths start from {_cwd()})")
+
+
+class SourceFormatError(CkptkitError, ValueError):
+    """A source file or folder exists but does not hold what it should (e.g. a weights file without tensors)."""
+
+
+class ImportFormatError(SourceFormatError):
+    """The source is not a layout :func:`~ckptkit.import_from` knows, or does not hold what its format promises."""
+
+
+class OptimizerMappingError(CkptkitError, ValueError):
+    """Saved optimizer state cannot be matched to parameter names with certainty; nothing is guessed."""
+
+
+class AdapterError(CkptkitError, LookupError):
+    """No model adapter fits, an adapter name is unknown, or a registered target is not a ModelAdapter."""
+
+
+class DestinationNotEmptyError(CkptkitError, FileExistsError):
+    """An export destination already holds files; nothing was written."""
+
+    def __init__(self, dest: str) -> None:
+        self.dest = dest
+        super().__init__(f"export destination {dest} is not empty: choose a new folder (nothing was written)")
+
+
+def _cwd() -> str:
+    import os
+
+    try:
+        return os.getcwd()
+    except OSError:  # the working directory was removed
+        return "the working directory"

@@ -14,16 +14,27 @@ import base64
 import json
 import math
 import struct
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import blake3
 import numpy as np
 import torch
 
 from ckptkit.errors import CorruptObjectError, ManifestError, UnsupportedStateError
+from ckptkit.hashing import hasher
+
+__all__ = [
+    "DEFAULT_OBJECT_SIZE",
+    "Encoded",
+    "PackedObject",
+    "decode",
+    "dtype_code",
+    "encode",
+    "group",
+    "pack",
+    "unpack",
+]
 
 # --- dtypes ------------------------------------------------------------------------------------------------
 
@@ -131,29 +142,31 @@ def _dec(d: Any, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
             return tuple(_dec(x, tensors, path) for x in body)
         if tag == "$float":
             if body not in ("nan", "inf", "-inf"):
-                raise ValueError(f"bad float {body!r}")
+                raise ManifestError(path, f"bad $float {str(body)[:40]!r}: expected nan, inf or -inf")
             return float(body)
         if tag == "$bytes":
             return base64.b64decode(body, validate=True)
         if tag == "$dict":
-            return {_hashable(_dec(k, tensors, path)): _dec(x, tensors, path) for k, x in body}
+            return {_hashable(_dec(k, tensors, path), path): _dec(x, tensors, path) for k, x in body}
         if tag == "$set":
-            return {_hashable(_dec(x, tensors, path)) for x in body}
+            return {_hashable(_dec(x, tensors, path), path) for x in body}
         if tag == "$np":
             return np.dtype(body).type(_dec(d["value"], tensors, path))
         if tag == "$dtype":
             dt = getattr(torch, body)
             if not isinstance(dt, torch.dtype):
-                raise ValueError(f"{body!r} is not a torch dtype")
+                raise ManifestError(path, f"{str(body)[:40]!r} is not a torch dtype")
             return dt
+    except ManifestError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ManifestError(path, f"malformed {tag} value {str(body)[:80]!r}: {err}") from err
-    raise AssertionError(tag)  # pragma: no cover
+    raise ManifestError(path, f"unknown tag {tag}")  # pragma: no cover (every tag of _TAGS is handled above)
 
 
-def _hashable(k: Any) -> Any:
+def _hashable(k: Any, path: str) -> Any:
     if isinstance(k, (list, dict)):
-        raise TypeError(f"unhashable key {k!r}")
+        raise ManifestError(path, f"unhashable key {str(k)[:80]}")
     return k
 
 
@@ -187,23 +200,6 @@ class PackedObject:
         yield from self.buffers
 
 
-_HASHING = threading.local()  # .single: this thread hashes on itself only (see single_threaded_hashing)
-MULTI_THREAD_HASH_FROM = 8 << 20  # bytes: smaller inputs are hashed on the calling thread
-
-
-def hasher(nbytes: int) -> Any:
-    """A blake3 hasher for ``nbytes`` of input: multi-threaded for large inputs, unless the calling thread
-    asked for :func:`single_threaded_hashing` (a low-priority background writer keeps its work on itself)."""
-    if nbytes > MULTI_THREAD_HASH_FROM and not getattr(_HASHING, "single", False):
-        return blake3.blake3(max_threads=blake3.blake3.AUTO)
-    return blake3.blake3()
-
-
-def single_threaded_hashing() -> None:
-    """From now on, hash on the calling thread only (blake3's thread pool runs at normal priority)."""
-    _HASHING.single = True
-
-
 def pack(tensors: list[tuple[str, torch.Tensor]]) -> PackedObject:
     """Serialise tensors into one deterministic safetensors object (no copy of contiguous CPU tensors).
 
@@ -228,13 +224,6 @@ def pack(tensors: list[tuple[str, torch.Tensor]]) -> PackedObject:
     for b in buffers:
         h.update(b)
     return PackedObject(str(h.hexdigest()), len(prefix) + offset, buffers, [k for k, _ in items])
-
-
-def hash_bytes(data: bytes | bytearray | memoryview) -> str:
-    """blake3 hex digest, multi-threaded for large buffers."""
-    h = hasher(len(data))
-    h.update(data)
-    return str(h.hexdigest())
 
 
 def unpack(buf: bytearray | memoryview, where: str) -> dict[str, torch.Tensor]:

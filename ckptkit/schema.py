@@ -18,13 +18,36 @@ import blake3
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, PlainSerializer, ValidationError
 
 from ckptkit.errors import FormatVersionError, ManifestError
+from ckptkit.hashing import HASH_RE, NAME_RE
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Component",
+    "ComponentKind",
+    "DataSegment",
+    "Dtype",
+    "Environment",
+    "Hash",
+    "Lineage",
+    "Manifest",
+    "Name",
+    "Number",
+    "ObjectInfo",
+    "Parent",
+    "Progress",
+    "Relation",
+    "TensorRef",
+    "build_manifest",
+    "canonical_json",
+    "dump_manifest",
+    "json_schema",
+    "manifest_id",
+    "parse_manifest",
+]
 
 FORMAT_VERSION = 1
 """The manifest format this version of ckptkit writes. Every older version is read (migrated) too."""
 
-HASH_RE = r"^[0-9a-f]{64}$"
-NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-"""Checkpoint and component names: they become storage paths, so no slashes, no leading dot."""
 
 Hash = Annotated[str, Field(pattern=HASH_RE, description="blake3 hex digest (64 characters)")]
 Name = Annotated[str, Field(pattern=NAME_RE)]
@@ -241,7 +264,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
 
 
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not standard JSON")
+    raise ManifestError("manifest", f"{name} is not standard JSON: store NaN and infinity as strings")
 
 
 def _short(err: ValidationError) -> str:

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 
 import ckptkit
-from ckptkit.data import ResumableLoader
-from ckptkit.schedule import PlannedLR
 from ckptkit.schema import DataSegment
+from ckptkit.training import PlannedLR, ResumableLoader
 
 
 def make_data(part: int, n: int = 256) -> torch.utils.data.TensorDataset:

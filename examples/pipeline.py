@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 import ckptkit
-from ckptkit.data import ResumableLoader
-from ckptkit.schedule import PlannedLR
+from ckptkit.training import PlannedLR, ResumableLoader
 
 
 class PCA:

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 import ckptkit
-from ckptkit.data import LoaderPosition, ResumableLoader, WorkerRNG
-from ckptkit.schedule import PlannedLR
 from ckptkit.storage import Repository
+from ckptkit.training import LoaderPosition, PlannedLR, ResumableLoader, WorkerRNG
 
 N, BATCH, ACCUM, EPOCHS = 40, 4, 2, 3
 STEPS_PER_EPOCH = N // BATCH // ACCUM  # optimizer steps

@@ -155,3 +155,53 @@ def test_gpu_state_is_snapshotted_through_pinned_memory(tmp_path: Path) -> None:
     result = ckptkit.restore(str(tmp_path), {"model": fresh}, strict=False)
     assert all(torch.equal(fresh.state_dict()[k].cpu(), v) for k, v in want.items())
     assert "cuda" in result.manifest.components["rng"].state  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("verb", ["transfer", "continue"])
+def test_an_edge_set_while_a_save_is_being_written_is_recorded_by_the_next_save(
+    repo_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verb: str
+) -> None:
+    """Lineage is decided on the caller's thread: a transfer_from (or continue_from) called while the background
+    writer is still committing the previous save keeps its edge (the writer used to reset it to `train`)."""
+    import threading
+
+    source = str(tmp_path / "source")
+    donor = _model()
+    ckptkit.save(source, {"model": donor}, "donor")
+    model = _model()
+    ckptkit.save(repo_url, {"model": model}, "base")  # a checkpoint to continue from
+    mgr = CheckpointManager(repo_url, {"model": model}, async_save=True, rng=False)
+    writing, release = threading.Event(), threading.Event()
+    original = Repository.write_objects
+
+    def slow(self: Repository, objects: list) -> int:  # type: ignore[type-arg]
+        if threading.current_thread().name == "ckptkit-save":  # only the background writer is held
+            writing.set()
+            assert release.wait(30), "the test never released the writer"
+        return original(self, objects)
+
+    monkeypatch.setattr(Repository, "write_objects", slow)
+    mgr.save(1)
+    assert writing.wait(30)  # the writer holds save 1, not yet committed
+    if verb == "transfer":
+        mgr.transfer_from(source)
+    else:
+        mgr.continue_from("base")
+    release.set()
+    mgr.save(2)
+    mgr.close()
+    second = ckptkit.inspect(repo_url, "step-00000002")
+    assert second.lineage.relation == verb
+    if verb == "transfer":
+        assert [p.relation for p in second.lineage.parents] == ["transfer"]
+        assert second.lineage.parents[0].id == ckptkit.inspect(source, "donor").id
+        assert "plan" in second.lineage.parents[0].changes
+    else:
+        assert [(p.relation, p.name) for p in second.lineage.parents] == [("continue", "base")]
+    first = ckptkit.inspect(repo_url, "step-00000001")
+    assert first.lineage.relation == "init"
+    mgr3 = CheckpointManager(repo_url, {"model": model}, async_save=True, rng=False)
+    mgr3.save(3)  # an ordinary save after the edge: `train` from the checkpoint before it
+    mgr3.save(4)
+    mgr3.close()
+    assert ckptkit.inspect(repo_url, "step-00000004").lineage.parents[0].name == "step-00000003"

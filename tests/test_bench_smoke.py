@@ -63,3 +63,9 @@ def test_bench_s3_smoke(tmp_path: Path) -> None:
     result = run_bench("s3.py", ["--size-mib", "8"], tmp_path, timeout=400)
     assert_ratios(result, ("s3_save_vs_boto3",))
     assert result["methods"]["ckptkit"]["bytes"] == result["methods"]["boto3"]["bytes"] > 8 * 2**20
+
+
+def test_bench_cli_smoke(tmp_path: Path) -> None:
+    result = run_bench("cli.py", ["--checkpoints", "5", "--warmup", "0"], tmp_path)
+    assert_ratios(result, ("cli_ls_s", "cli_log_s"))
+    assert result["checkpoints"] == 5 and result["python_s"] > 0 and result["import_torch_s"] > 0

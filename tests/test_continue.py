@@ -15,10 +15,9 @@ from safetensors.torch import save_file
 
 import ckptkit
 from ckptkit import CheckpointManager
-from ckptkit.data import ResumableLoader
 from ckptkit.errors import UnsupportedStateError
-from ckptkit.schedule import PlannedLR
 from ckptkit.schema import DataSegment
+from ckptkit.training import PlannedLR, ResumableLoader
 
 DS = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
 

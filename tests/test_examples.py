@@ -31,7 +31,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _weights(url: str, name: str) -> dict[str, object]:
     m = ckptkit.inspect(url, name)
-    from ckptkit.api import load_tensors
+    from ckptkit.engine.tensors import load_tensors
     from ckptkit.storage import Repository
 
     return load_tensors(Repository(url), m, ["model"])["model"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckptkit.errors import CkptkitError
-from ckptkit.fingerprint import fingerprint, segment
+from ckptkit.training import fingerprint, segment
 
 
 def test_sample_ids_depend_on_content_and_order() -> None:

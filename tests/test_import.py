@@ -1,4 +1,4 @@
-"""Importing foreign checkpoints (ckptkit.importers.import_from), written here by the real tools: a transformers
+"""Importing foreign checkpoints (ckptkit.interop.importers.import_from), written here by the real tools: a transformers
 Trainer, Lightning, timm's CheckpointSaver, torch.distributed.checkpoint; MMDetection's layout by hand (mmdet and
 mmengine are not installed). Tiny models, offline, CPU only.
 
@@ -29,8 +29,8 @@ import torch
 
 import ckptkit
 from ckptkit.errors import CkptkitError, UnsupportedStateError
-from ckptkit.files import file_hash
-from ckptkit.importers import FORMATS, ImportFormatError, detect_format, import_from, unsafe_globals
+from ckptkit.hashing import file_hash
+from ckptkit.interop.importers import FORMATS, ImportFormatError, detect_format, import_from, unsafe_globals
 
 
 def _ok(repo: str) -> None:

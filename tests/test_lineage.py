@@ -18,9 +18,13 @@ from click.testing import CliRunner
 import ckptkit
 from ckptkit import CheckpointManager, Retention
 from ckptkit.cli import main
-from ckptkit.lineage import copy, diff, history, render, verify_chain
-from ckptkit.schedule import PlannedLR
+from ckptkit.history.chain import verify_chain
+from ckptkit.history.copy import copy
+from ckptkit.history.diff import diff
+from ckptkit.history.graph import history
+from ckptkit.history.render import render
 from ckptkit.schema import DataSegment
+from ckptkit.training import PlannedLR
 
 
 def _mlp(out: int = 1, seed: int = 0) -> torch.nn.Module:

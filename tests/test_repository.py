@@ -12,7 +12,7 @@ import torch
 import ckptkit
 from ckptkit.api import checkpoints, gc
 from ckptkit.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptObjectError, RepositoryBusyError
-from ckptkit.format import hash_bytes
+from ckptkit.hashing import hash_bytes
 from ckptkit.storage import Repository
 
 
@@ -191,6 +191,7 @@ def test_a_gc_lock_left_by_a_killed_process_does_not_block_saves(repo_url: str) 
 
 
 def test_gc_removes_what_crashed_saves_left_once_stale(repo_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckptkit.storage.repository
     from ckptkit import storage
 
     repo = Repository(repo_url)
@@ -203,7 +204,7 @@ def test_gc_removes_what_crashed_saves_left_once_stale(repo_url: str, monkeypatc
                 f.write(b"partial")
     gc(repo_url)
     assert repo.has_object(orphan)  # a fresh pending record protects its objects
-    monkeypatch.setattr(storage, "STALE_AFTER", -1.0)  # as if 6 hours had passed
+    monkeypatch.setattr(storage.repository, "STALE_AFTER", -1.0)  # as if 6 hours had passed
     report = gc(repo_url)
     assert not repo.has_object(orphan) and not repo.fs.exists(repo.root + "/pending/dead.json")
     assert report.temp_files_removed >= (3 if repo.local else 1)

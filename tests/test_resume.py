@@ -104,7 +104,7 @@ def test_fidelity_reports_each_missing_piece(tmp_path: Path) -> None:
     url = str(tmp_path)
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = ckptkit.data.ResumableLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), 2)
+    loader = ckptkit.training.ResumableLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), 2)
     ckptkit.save(url, {"model": model, "optimizer": opt, "loader": loader}, "full")
     assert ckptkit.restore(url, {"model": model, "optimizer": opt, "loader": loader}, "full").fidelity.exact
     issues = ckptkit.restore(url, {"model": model, "loader": loader}, "full").fidelity.issues
@@ -125,7 +125,7 @@ def test_fidelity_reports_each_missing_piece(tmp_path: Path) -> None:
 
 def test_cuda_rng_count_mismatch_is_reported(tmp_path: Path) -> None:
     """A checkpoint with CUDA RNG restored where no CUDA device is visible says so (and restores the rest)."""
-    from ckptkit.state import Saved, restore_rng
+    from ckptkit.state.restore import Saved, restore_rng
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")

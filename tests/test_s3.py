@@ -30,7 +30,7 @@ import torch
 import ckptkit
 from ckptkit.api import checkpoints, gc
 from ckptkit.errors import CheckpointExistsError
-from ckptkit.format import hash_bytes
+from ckptkit.hashing import hash_bytes
 from ckptkit.storage import Repository
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -288,6 +288,7 @@ def test_a_failed_multipart_upload_is_aborted_and_leaves_no_object(s3: Any) -> N
 def test_gc_aborts_multipart_uploads_of_killed_saves_once_stale(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A SIGKILLed save leaves an incomplete multipart upload (invisible, but stored and billed); gc aborts it once
     it is older than STALE_AFTER, and never a recent one, which may belong to a save in progress."""
+    import ckptkit.storage.repository
     from ckptkit import storage
 
     url = s3.fresh_url()
@@ -301,7 +302,7 @@ def test_gc_aborts_multipart_uploads_of_killed_saves_once_stale(s3: Any, monkeyp
     try:
         assert gc(url).temp_files_removed == 0  # fresh: it may be a save in progress
         assert len(_uploads(repo)) == 2
-        monkeypatch.setattr(storage, "STALE_AFTER", 0.0)
+        monkeypatch.setattr(storage.repository, "STALE_AFTER", 0.0)
         time.sleep(1.1)  # the server's timestamps have a resolution of a second at worst
         assert gc(url, dry_run=True).temp_files_removed == 1
         assert len(_uploads(repo)) == 2
@@ -458,7 +459,7 @@ def test_sigkill_while_saving_to_s3_never_exposes_a_partial_checkpoint(
     assert _check_repository(url, restore_all=False) == names
 
     # Once the leftovers are stale, gc removes every orphan and aborts every incomplete upload.
-    monkeypatch.setattr(storage, "STALE_AFTER", 0.0)
+    monkeypatch.setattr(storage.repository, "STALE_AFTER", 0.0)
     time.sleep(1.1)
     incomplete, pending = len(_uploads(repo)), len(_pending(repo))
     report = gc(url)

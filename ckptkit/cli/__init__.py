@@ -1,0 +1,11 @@
+"""The ``ckptkit`` command line (entry point :func:`run`)."""
+
+import os
+
+# pydantic looks up plugins through importlib.metadata the first time a model is built (about 50 ms at every
+# start); the command has no use for them.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
+from ckptkit.cli.main import main, run  # noqa: E402
+
+__all__ = ["main", "run"]

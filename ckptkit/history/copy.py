@@ -1,0 +1,93 @@
+"""Copy checkpoints between repositories, sending only the objects the destination lacks, and archiving the
+ancestors' manifests so the history stays whole."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptkit.engine.manifests import open_repository
+from ckptkit.history.graph import Node, history
+from ckptkit.schema import parse_manifest
+from ckptkit.storage import Repository
+
+__all__ = ["CopyReport", "copy"]
+
+
+@dataclass
+class CopyReport:
+    """What :func:`copy` moved."""
+
+    checkpoints: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already in the destination, identical
+    objects_copied: int = 0
+    objects_present: int = 0
+    bytes_copied: int = 0
+    ancestors_archived: int = 0
+
+
+def copy(
+    src: str,
+    dst: str,
+    names: list[str] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    dst_storage_options: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CopyReport:
+    """Copy checkpoints (all when ``names`` is None) from ``src`` to ``dst``, sending only the objects ``dst``
+    lacks, verified on the way; the manifests of their ancestors in ``src`` are archived in ``dst`` so the
+    history stays whole. ``progress(done_bytes, total_bytes)`` is called as objects are copied."""
+    rs = open_repository(src, storage_options)
+    rd = open_repository(dst, dst_storage_options if dst_storage_options is not None else storage_options)
+    report = CopyReport()
+    heads = []
+    for n in names if names is not None else rs.list():
+        raw = rs.read_manifest(n)
+        heads.append((n, raw, parse_manifest(raw, f"{rs.url}/checkpoints/{n}.json")))
+    todo: dict[str, int] = {}
+    for _, _, m in heads:
+        for h, info in m.objects.items():
+            if h not in todo:
+                if rd.has_object(h):
+                    report.objects_present += 1
+                    todo[h] = -1
+                else:
+                    todo[h] = info.size
+    total = sum(s for s in todo.values() if s >= 0)
+    done = 0
+    with rd.pending([h for h, s in todo.items() if s >= 0]):
+        for h, size in todo.items():
+            if size < 0:
+                continue
+            data = rs.read_object(h, size)
+            rd.write_objects([(h, [data])])
+            report.objects_copied += 1
+            report.bytes_copied += size
+            done += size
+            if progress:
+                progress(done, total)
+        for n, raw, m in heads:
+            try:
+                rd.commit(n, raw)
+                report.checkpoints.append(n)
+            except FileExistsError:
+                if parse_manifest(rd.read_manifest(n), n).id != m.id:
+                    raise
+                report.skipped.append(n)
+    copied = {m.id for _, _, m in heads}
+    for n, _, _ in heads:
+        for node in history(src, n, storage_options=storage_options).nodes[1:]:
+            if node.url == src and node.id not in copied and rd.read_archived(node.id) is None:
+                rd.archive(node.id, _raw(rs, node))
+                report.ancestors_archived += 1
+    return report
+
+
+def _raw(r: Repository, node: Node) -> bytes:
+    if node.archived:
+        raw = r.read_archived(node.id)
+        assert raw is not None
+        return raw
+    return r.read_manifest(node.manifest.name)

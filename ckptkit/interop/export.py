@@ -1,0 +1,63 @@
+"""Export a checkpoint's model to its framework's own format (HF folder, timm file, torchvision state dict)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ckptkit.engine.manifests import latest_manifest, open_repository
+from ckptkit.engine.tensors import load_tensors
+from ckptkit.errors import DestinationNotEmptyError, InvalidArgumentError
+from ckptkit.state.adapter import get_adapter
+
+__all__ = ["PROVENANCE", "export"]
+
+PROVENANCE = "ckptkit.json"
+"""Written beside the exported files: which checkpoint they came from (read back by import and lineage)."""
+
+
+def export(
+    repo: str,
+    dest: str,
+    name: str | None = None,
+    *,
+    component: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Write checkpoint ``name``'s model (the latest by default) into the folder ``dest`` in its framework's format.
+
+    HF models become a ``save_pretrained`` folder (``AutoModel*.from_pretrained(dest)`` loads it), timm models a
+    ``model.safetensors`` that ``timm.create_model(arch, pretrained=True,
+    pretrained_cfg_overlay=dict(file=...))`` loads, torchvision detectors a ``model.pth`` state dict, fusion
+    models one folder per branch. Returns the files written.
+
+    Example:
+        >>> import torch, ckptkit, tempfile
+        >>> _ = ckptkit.save("memory://doc-export", {"model": torch.nn.Linear(2, 2)}, "a")
+        >>> [f.rsplit("/", 1)[1] for f in ckptkit.export("memory://doc-export", tempfile.mkdtemp())]
+        ['model.safetensors', 'ckptkit.json']
+    """
+    r = open_repository(repo, storage_options)
+    m = latest_manifest(r, name)
+    models = [n for n, c in m.components.items() if c.kind == "model"]
+    comp = component or (models[0] if len(models) == 1 else None)
+    if comp is None or comp not in models:
+        raise InvalidArgumentError(f"checkpoint {m.name} has model components {models}: pass component=<one of "
+                                   "them> (--component on the command line)")
+    c = m.components[comp]
+    tensors = load_tensors(r, m, [comp])[comp]
+    if os.path.exists(dest) and os.listdir(dest):
+        raise DestinationNotEmptyError(dest)
+    written = get_adapter(c.adapter or "plain").export(tensors, dict(c.meta), dest)
+    for n, other in m.components.items():
+        if other.type == "ckptkit.adapters.hf.Tokenizer":  # saved with the model: goes beside it
+            from ckptkit.adapters.hf import write_files
+            from ckptkit.format import decode
+
+            written += write_files(decode(other.state, {}, n), dest)
+    prov = os.path.join(dest, PROVENANCE)
+    with open(prov, "w") as f:
+        json.dump({"checkpoint": m.id, "name": m.name, "url": r.url, "component": comp, "adapter": c.adapter}, f,
+                  indent=2)  # fmt: skip
+    return [*written, prov]

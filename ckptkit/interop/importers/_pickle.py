@@ -1,0 +1,322 @@
+"""Reading torch pickles without unpickling arbitrary objects: the pickletools scan for the globals a file needs
+(:func:`unsafe_globals`), and the refusal naming each class and the entry that holds it, found by an unpickler that
+rebuilds only the containers and imports nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import pickle
+import pickletools
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ckptkit.errors import CkptkitError, UnsupportedStateError
+from ckptkit.interop.importers.registry import detect_dict, find_reader
+from ckptkit.state.files import read_torch_file
+
+__all__ = ["GENERIC_HINT", "RefusedPickleError", "load_torch", "refusal", "unsafe_globals"]
+
+
+class RefusedPickleError(UnsupportedStateError):
+    """A source file needs unpickling a Python object (not a tensor or plain container): it is not read."""
+
+    __module__ = "ckptkit.interop.importers"  # where users import it from (repr, pickling), as before the split
+
+    def __init__(self, message: str, where: str, value_type: str) -> None:
+        CkptkitError.__init__(self, message)
+        self.where = where
+        self.value_type = value_type
+
+
+GENERIC_HINT = (
+    "Load it yourself where you trust its source and re-save only tensors and plain values (a state dict, numbers, "
+    "strings, lists, dicts), or as safetensors."
+)
+"""How to re-save a file that needs unpickling objects, for any format."""
+
+
+def load_torch(path: str, hint: str | None = GENERIC_HINT) -> Any:
+    """``torch.load(weights_only=True)``; a refusal becomes an error naming the classes and entries needing pickle
+    (``hint=None``: the advice suits the format the file's keys suggest).
+
+    Raises:
+        RefusedPickleError: the file needs unpickling Python objects (the message names each and its entry).
+    """
+    try:
+        return read_torch_file(path)
+    except UnsupportedStateError as err:
+        refused = refusal(path, _torch_pickle(path), hint)
+        if refused is None:
+            raise
+        raise refused from err
+
+
+def _format_hint(fmt: str | None) -> str:
+    return (find_reader(fmt).pickle_hint if fmt else "") or GENERIC_HINT
+
+
+def refusal(where: str, data: bytes | None, hint: str | None, entry_prefix: str = "") -> RefusedPickleError | None:
+    """The error for pickle ``data`` (read from ``where``) that needs globals torch's weights-only unpickler does not
+    allow, naming each and the entries (prefixed by ``entry_prefix``) that hold it, or None when the pickle needs
+    none (or cannot be scanned). ``hint=None``: the advice suits the format the pickle's keys suggest."""
+    if data is None:
+        return None
+    try:
+        found = unsafe_globals(data)
+    except Exception:  # not a pickle we can scan: keep the original error
+        return None
+    if not found:
+        return None
+    located: dict[str, list[str]] = {}
+    root: Any = None
+    with contextlib.suppress(Exception):  # locating is a courtesy: naming the class is what matters
+        located, root = _locate(data, set(found))
+    if hint is None:
+        hint = _format_hint(detect_dict(root))
+    parts = []
+    for g in found:
+        entries = [(entry_prefix + e if e else entry_prefix.rstrip(".")) or "(the whole file)"
+                   for e in located.get(g, [])]  # fmt: skip
+        more = f" (and {len(entries) - 3} more)" if len(entries) > 3 else ""
+        shown = ", ".join(repr(e) for e in entries[:3]) + more
+        parts.append(f"entry {shown} needs {g}" if entries else f"an entry needs {g}")
+    msg = (f"cannot import {where}: {'; '.join(parts)}: a pickled Python object, not a tensor or a plain container; "
+           "ckptkit reads only tensors and plain containers (torch.load(weights_only=True)) and never unpickles "
+           f"arbitrary objects, because unpickling can run any code. {hint}")  # fmt: skip
+    return RefusedPickleError(msg, where, ", ".join(found))
+
+
+def _torch_pickle(path: str) -> bytes | None:
+    """The main pickle of a torch file (``<archive>/data.pkl`` in the zip format; the whole file for the legacy one)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                pkl = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                return zf.read(pkl[0]) if pkl else None
+        with open(path, "rb") as f:
+            return f.read()
+    except (OSError, zipfile.BadZipFile):
+        return None
+
+
+@functools.cache
+def _python2_names() -> tuple[dict[tuple[str, str], tuple[str, str]], dict[str, str]]:
+    """How torch's weights-only unpickler renames the Python 2 globals of protocol 0-2 pickles (``torch.save``
+    writes protocol 2, so a set is ``__builtin__.set``): taken from torch, so the scan reads names as torch does."""
+    try:
+        from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # what torch._weights_only_unpickler applies
+
+        return dict(NAME_MAPPING), dict(IMPORT_MAPPING)
+    except ImportError:  # private API moved: the renames torch.save's own pickles need
+        return {}, {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+def _allowed_globals() -> set[str]:
+    """What ``torch.load(weights_only=True)`` accepts (torch's allowlist, plus what the user allowlisted)."""
+    user = set()
+    for g in torch.serialization.get_safe_globals():
+        user.add(g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}")
+    try:
+        from torch import _weights_only_unpickler as wu
+
+        return set(wu._get_allowed_globals()) | user
+    except (ImportError, AttributeError):  # private API moved: torch's documented defaults
+        return user | {
+            "collections.OrderedDict", "collections.Counter", "torch.Size", "torch.device", "torch.Tensor",
+            "_codecs.encode", "builtins.set", "builtins.complex", "builtins.bytearray",
+            "torch.serialization._get_layout", "torch.nn.parameter.Parameter", "torch._tensor._rebuild_from_type_v2",
+        } | {f"torch._utils.{f}" for f in dir(torch._utils) if f.startswith("_rebuild_")}  # fmt: skip
+
+
+def unsafe_globals(data: bytes) -> list[str]:
+    """Classes and functions a pickle names (``GLOBAL`` / ``STACK_GLOBAL`` opcodes) that torch's weights-only
+    unpickler does not allow, in order of first use. Scans the opcodes with :mod:`pickletools`; runs nothing.
+
+    A legacy (non-zip) torch file is several pickles back to back: each is scanned until the data ends or stops
+    being a pickle.
+
+    Example:
+        >>> import argparse, pickle
+        >>> unsafe_globals(pickle.dumps({"args": argparse.Namespace(lr=0.1)}, protocol=2))
+        ['argparse.Namespace']
+        >>> unsafe_globals(pickle.dumps({"args": argparse.Namespace(lr=0.1)}, protocol=4))
+        ['argparse.Namespace']
+    """
+    allowed = _allowed_globals()
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    for n in range(5):  # a legacy torch file: magic number, protocol, sys info, the data, storage keys
+        start = stream.tell()
+        if start >= len(data):
+            break
+        try:
+            names = _scan_one(stream)
+        except Exception:
+            if n == 0:
+                raise
+            break  # raw storage bytes after the pickles of a legacy torch file
+        for g in names:
+            if g not in allowed and not _is_torch_type(g) and g not in found:
+                found.append(g)
+    return found
+
+
+def _is_torch_type(g: str) -> bool:
+    # dtypes, layouts and legacy storage classes are allowlisted by name inside torch (e.g. torch.float32)
+    mod, _, attr = g.rpartition(".")
+    return mod == "torch" and isinstance(getattr(torch, attr, None), (torch.dtype, torch.layout))
+
+
+_MARK = object()
+
+
+def _scan_one(stream: io.BytesIO) -> list[str]:
+    """Globals of one pickle, tracking an abstract stack so ``STACK_GLOBAL`` operands (strings pushed earlier,
+    possibly through the memo) are known."""
+    names: list[str] = []
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+    name_mapping, import_mapping = _python2_names()
+    for op, arg, _pos in pickletools.genops(stream):
+        nm = op.name
+        if nm in ("GLOBAL", "INST"):
+            module, _, qualname = str(arg).partition(" ")
+            # protocol 0-2 pickles name Python 2 modules (__builtin__ ...): map them as pickle's fix_imports does
+            if (module, qualname) in name_mapping:
+                module, qualname = name_mapping[(module, qualname)]
+            else:
+                module = import_mapping.get(module, module)
+            names.append(f"{module}.{qualname}")
+            if nm == "INST":
+                _pop_mark(stack)
+            stack.append(None)
+        elif nm == "STACK_GLOBAL":
+            qual = stack.pop() if stack else None
+            mod = stack.pop() if stack else None
+            names.append(f"{mod}.{qual}" if isinstance(mod, str) and isinstance(qual, str) else "<unknown global>")
+            stack.append(None)
+        elif nm in ("UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING",
+                    "SHORT_BINSTRING"):  # fmt: skip
+            stack.append(arg)
+        elif nm == "MEMOIZE":
+            memo[len(memo)] = stack[-1] if stack else None
+        elif nm in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg or 0)] = stack[-1] if stack else None
+        elif nm in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(int(arg or 0)))
+        elif nm == "MARK":
+            stack.append(_MARK)
+        elif nm == "STOP":
+            break
+        else:
+            before = op.stack_before
+            if pickletools.markobject in before:
+                _pop_mark(stack)
+                extra = before.index(pickletools.markobject)
+            else:
+                extra = len(before)
+            for _ in range(extra):
+                if stack:
+                    stack.pop()
+            stack.extend([None] * len(op.stack_after))
+    return names
+
+
+def _pop_mark(stack: list[Any]) -> None:
+    while stack:
+        if stack.pop() is _MARK:
+            return
+
+
+class _Opaque:
+    """Stand-in for any global while locating refused classes: stores its arguments, runs nothing."""
+
+    global_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
+        obj = object.__new__(cls)
+        obj.__dict__["_args"] = list(args) + list(kwargs.values())
+        obj.__dict__["_items"] = []
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_items"].append(state)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__["_items"].append(value)
+
+    def append(self, value: Any) -> None:
+        self.__dict__["_items"].append(value)
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self.__dict__["_items"].extend(values)
+
+    def add(self, value: Any) -> None:
+        self.__dict__["_items"].append(value)
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+
+
+class _Locator(pickle.Unpickler):
+    """Rebuilds the container structure of a pickle with every global replaced by an inert :class:`_Opaque`
+    subclass named after it (only ``collections.OrderedDict``, a plain container, is real), so the path of a
+    refused object inside the file can be reported. No class or function from the file is ever imported."""
+
+    def __init__(self, stream: io.BytesIO) -> None:
+        super().__init__(stream)
+        self._types: dict[str, type[_Opaque]] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        if full == "collections.OrderedDict":
+            return OrderedDict
+        if full not in self._types:
+            self._types[full] = type("_Opaque", (_Opaque,), {"global_name": full})
+        return self._types[full]
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self.find_class("torch", "storage")()
+
+
+def _locate(data: bytes, wanted: set[str]) -> tuple[dict[str, list[str]], Any]:
+    """Where each of ``wanted`` sits in the pickle: dotted paths of keys and indices (``hyper_parameters.args``)."""
+    stream = io.BytesIO(data)
+    root = _Locator(stream).load()
+    if root == _LEGACY_MAGIC:  # legacy torch file: magic number, protocol, sys info, then the data
+        _Locator(stream).load()
+        _Locator(stream).load()
+        root = _Locator(stream).load()
+    out: dict[str, list[str]] = {}
+    seen: set[int] = set()
+
+    def walk(obj: Any, path: str, depth: int) -> None:
+        if depth > 60 or id(obj) in seen:
+            return
+        if isinstance(obj, _Opaque):
+            seen.add(id(obj))
+            if obj.global_name in wanted:
+                out.setdefault(obj.global_name, []).append(path)
+                return
+            for v in obj.__dict__["_args"] + obj.__dict__["_items"]:
+                walk(v, path, depth + 1)
+        elif isinstance(obj, dict):
+            seen.add(id(obj))
+            for k, v in obj.items():
+                walk(v, f"{path}.{k}" if path else str(k), depth + 1)
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            seen.add(id(obj))
+            for i, v in enumerate(obj):
+                walk(v, f"{path}[{i}]", depth + 1)
+
+    walk(root, "", 0)
+    return out, root

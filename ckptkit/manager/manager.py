@@ -1,0 +1,452 @@
+"""CheckpointManager: checkpointing inside any training loop in a handful of lines.
+
+The manager keeps policy (when to save, what to keep, which lineage edge to record); retention, the async
+writer, the run's lineage and continue planning live in their own modules beside this one, and the engine
+(:mod:`ckptkit.engine`) does the reading and writing.
+
+Example:
+    >>> import torch, ckptkit
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = torch.optim.AdamW(model.parameters())
+    >>> mgr = ckptkit.CheckpointManager("memory://doc-manager", {"model": model, "optimizer": opt},
+    ...                                 every=2, retention=ckptkit.Retention(keep_last=2))
+    >>> start = mgr.restore()            # None on a fresh run
+    >>> for step in range(1, 7):
+    ...     opt.zero_grad(); model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
+    ...     _ = mgr.save(step, metrics={"loss": 0.5})
+    >>> [m.name for m in mgr.list()]
+    ['step-00000004', 'step-00000006']
+    >>> mgr.close()
+"""
+
+from __future__ import annotations
+
+import builtins
+import concurrent.futures
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+
+from ckptkit.engine.commit import commit_captured
+from ckptkit.engine.gc import collect_garbage
+from ckptkit.engine.manifests import RepoLike, list_manifests, open_repository
+from ckptkit.engine.restore import RestoreResult, restore_state
+from ckptkit.errors import (
+    ArgumentTypeError,
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+    ManagerClosedError,
+)
+from ckptkit.format import DEFAULT_OBJECT_SIZE
+from ckptkit.hashing import check_name, file_hash
+from ckptkit.interop.transfer import TransferPlan, transfer
+from ckptkit.manager.continuing import apply_changes, check_continue, hparams_diff
+from ckptkit.manager.lineage import RunLineage, jsonable
+from ckptkit.manager.retention import Retention
+from ckptkit.manager.snapshot import Snapshotter
+from ckptkit.manager.writer import Writer, track
+from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, dump_manifest
+from ckptkit.state import LoadReport, capture, check_targets, is_data_loader
+from ckptkit.state.files import load_model_tensors, read_tensor_file, read_torch_file
+from ckptkit.training.schedule import Policy
+
+__all__ = ["CheckpointManager"]
+
+log = logging.getLogger("ckptkit")
+
+
+class CheckpointManager:
+    """Saves and restores a training run's state in a repository, with retention.
+
+    Args:
+        url: repository URL (local path, ``s3://...``, any fsspec URL), or an open
+            :class:`~ckptkit.storage.Repository` (to set S3 multipart ``part_size``/``max_concurrency``).
+        state: components by name (models, optimizers, schedulers, scalers, Stateful objects, values).
+        every: ``save(step)`` writes only when ``step`` is a multiple of this (``force=True`` always writes).
+        retention: which checkpoints to keep after each save (``None`` keeps all).
+        name_format: checkpoint names, formatted with ``step`` and ``epoch``.
+        hparams: hyperparameters recorded in every checkpoint.
+        rng: capture and restore process RNG.
+        object_size: target size of stored objects.
+        storage_options: passed to fsspec (credentials, endpoint); never stored.
+        gc: delete objects that pruned checkpoints no longer reference.
+        data: the dataset this run trains on, recorded in the data manifest with the samples consumed
+            (from ``save(samples_seen=...)``).
+        async_save: ``save`` returns once the state is copied to host memory (reused buffers, pinned for GPU
+            tensors) and a background thread writes and commits; ``save`` then returns None and
+            :meth:`wait` returns the committed manifest. At most one save is in flight; an error in the
+            background is raised by the next ``save``, ``wait`` or ``close``; interpreter exit waits for the
+            pending commit.
+        writer_nice: with ``async_save``, how much lower the background writer's CPU priority is than the
+            training loop's (a Linux nice increment, 0 to 19; 0 keeps them equal). The default, 10, lets training
+            steps run at nearly full speed while the save is written in the CPU time they leave; when training
+            keeps every core busy, the write takes longer (the next ``save`` waits for it). Linux only.
+    """
+
+    def __init__(
+        self,
+        url: RepoLike,
+        state: Mapping[str, object],
+        *,
+        every: int | None = None,
+        retention: Retention | None = None,
+        name_format: str = "step-{step:08d}",
+        hparams: Mapping[str, Any] | None = None,
+        rng: bool = True,
+        object_size: int = DEFAULT_OBJECT_SIZE,
+        storage_options: dict[str, Any] | None = None,
+        gc: bool = True,
+        data: DataSegment | None = None,
+        async_save: bool = False,
+        writer_nice: int = 10,
+    ) -> None:
+        check_targets(state)
+        if not isinstance(writer_nice, int) or isinstance(writer_nice, bool) or not 0 <= writer_nice <= 19:
+            raise InvalidArgumentError(f"writer_nice={writer_nice!r}: must be an integer from 0 (the training loop's "
+                             "priority) to 19 (the lowest)")  # fmt: skip
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise InvalidArgumentError(f"every={every!r}: must be a positive integer (save every N steps) or None")
+        if retention is not None and not isinstance(retention, Retention):
+            raise ArgumentTypeError(f"retention must be a ckptkit.Retention, got {type(retention).__name__}")
+        try:
+            check_name(name_format.format(step=0, epoch=0))
+        except (KeyError, IndexError, ValueError) as err:
+            raise InvalidArgumentError(f"name_format={name_format!r} does not give a valid checkpoint name: {err}; "
+                                       "use e.g. 'step-{step:08d}'") from err
+        if object_size <= 0:
+            raise InvalidArgumentError(f"object_size={object_size!r}: must be a positive number of bytes per object")
+        self.repo = open_repository(url, storage_options)
+        self.state = dict(state)
+        self.every = every
+        self.retention = retention
+        self.name_format = name_format
+        self.hparams = dict(hparams or {})
+        self.rng = rng
+        self.object_size = object_size
+        self.gc = gc
+        if data is not None and not isinstance(data, DataSegment):
+            raise ArgumentTypeError(f"data must be a ckptkit.schema.DataSegment, got {type(data).__name__}")
+        self.run = uuid.uuid4().hex
+        self.restored_from: str | None = None
+        self.segments: builtins.list[DataSegment] = [data] if data else []
+        self._segment_base = 0  # samples seen when the current data segment began
+        self.async_save = bool(async_save)
+        self._snapshots = Snapshotter() if async_save else None
+        self.writer_nice = writer_nice
+        self._writer: Writer | None = None
+        self._inflight: concurrent.futures.Future[Manifest] | None = None
+        self._last: Manifest | None = None
+        self._lineage = RunLineage(self.run)
+        self._closed = False
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    def list(self) -> builtins.list[Manifest]:
+        """Committed checkpoints, oldest first."""
+        return list_manifests(self.repo)
+
+    def latest(self) -> Manifest | None:
+        """The most recent checkpoint, or None."""
+        found = self.list()
+        return found[-1] if found else None
+
+    def best(self) -> Manifest | None:
+        """The best checkpoint by the retention metric, or None."""
+        if self.retention is None or not self.retention.metric:
+            raise InvalidArgumentError("best() needs CheckpointManager(retention=Retention(keep_best=K, metric=...))")
+        return self.retention.best(self.list())
+
+    def restore(
+        self, name: str | None = None, *, which: Literal["latest", "best"] = "latest", strict: bool = True
+    ) -> RestoreResult | None:
+        """Restore a checkpoint into the managed objects.
+
+        With ``name=None`` it restores the latest (or, with ``which="best"``, the best) checkpoint, and returns
+        ``None`` when the repository has none, so the same line starts a fresh run or resumes one.
+        """
+        self._check_open()
+        if name is None:
+            # The latest is found by restore() itself, so it can fall back past a corrupt one.
+            target = self.best() if which == "best" else self.latest()
+            if target is None:
+                return None
+            name = target.name if which == "best" else None
+        result = restore_state(self.repo, self.state, name, strict=strict, rng=self.rng)
+        m = result.manifest
+        self.restored_from = m.name
+        self._lineage.set("resume", [Parent(id=m.id, relation="resume", name=m.name)])
+        if m.data:
+            self.segments = list(m.data)
+            self._segment_base = m.progress.samples_seen - m.data[-1].samples_consumed
+        log.info("restored %s (step %d) from %s: %s", m.name, m.progress.global_step, self.repo.url, result.fidelity)
+        return result
+
+    def continue_from(
+        self,
+        name: str | None = None,
+        *,
+        schedule: Policy | None = None,
+        total_steps: int | None = None,
+        warmup_steps: int = 0,
+        lr: float | None = None,
+        optimizer_hparams: Mapping[str, Any] | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        new_data: DataSegment | None = None,
+        strict: bool = True,
+    ) -> RestoreResult:
+        """Continue training from a checkpoint (the latest when ``name`` is None), with changes made explicit.
+
+        Restores the checkpoint, then applies the changes and records them: the next save's lineage edge is
+        ``continue``, with what changed. More epochs: a new ``total_steps`` with a ``schedule`` policy. New data
+        of the same problem: ``new_data=DataSegment(...)``; data-loader components then start at the beginning
+        of the new data instead of restoring their position. A changed batch size: build the loader with the
+        new size; its position is kept in samples. New optimizer hyperparameters: ``lr`` and
+        ``optimizer_hparams`` (applied to every param group).
+
+        Args:
+            schedule: re-plan a :class:`~ckptkit.training.PlannedLR` by ``"extend"``, ``"restart"`` or
+                ``"constant"`` up to ``total_steps``.
+            hparams: the run's new hyperparameters, recorded with their diff against the checkpoint's.
+
+        Raises:
+            CheckpointNotFoundError: nothing to continue from.
+            ValueError: a schedule policy without a ``PlannedLR`` to re-plan, or without ``total_steps``.
+        """
+        self._check_open()
+        planned = check_continue(self.state, schedule, total_steps, new_data)
+        if name is None:
+            latest = self.latest()
+            if latest is None:
+                raise CheckpointNotFoundError(self.repo.url, None)
+            name = latest.name
+        targets = {n: o for n, o in self.state.items() if not (new_data is not None and is_data_loader(o))}
+        result = restore_state(self.repo, targets, name, strict=strict, rng=self.rng)
+        m = result.manifest
+        changes = apply_changes(self.state, m, planned=planned, schedule=schedule, total_steps=total_steps,
+                                warmup_steps=warmup_steps, lr=lr, optimizer_hparams=optimizer_hparams,
+                                new_data=new_data)  # fmt: skip
+        if hparams is not None:
+            changes["hparams"] = hparams_diff(m.hparams, hparams)
+            self.hparams = dict(hparams)
+        else:
+            self.hparams = {**m.hparams, **self.hparams}
+        self.segments = list(m.data)
+        if new_data is not None:
+            self.segments.append(new_data)
+            self._segment_base = m.progress.samples_seen
+        elif m.data:
+            self._segment_base = m.progress.samples_seen - m.data[-1].samples_consumed
+        self.restored_from = m.name
+        self._lineage.set("continue", [Parent(id=m.id, relation="continue", name=m.name, changes=jsonable(changes))])
+        log.info("continuing from %s (step %d): %s", m.name, m.progress.global_step, changes or "no changes")
+        return result
+
+    def start_from_files(
+        self, weights: str, optimizer: str | None = None, *, model: str | None = None, strict: bool = True
+    ) -> LoadReport:
+        """Start from bare files another tool wrote: a weights file and, optionally, an optimizer file.
+
+        ``weights`` is a ``.safetensors`` file or a torch file of tensors (read with
+        ``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped).
+        ``optimizer`` is a torch file of an optimizer ``state_dict()`` for the same parameters in the same order.
+        Nothing is unpickled beyond tensors and plain containers. The next save records lineage ``import``.
+        """
+        self._check_open()
+        comp, target = self._model("start_from_files", model)
+        tensors = read_tensor_file(weights)
+        report = load_model_tensors(comp, target, tensors, strict)
+        source: dict[str, Any] = {"weights": weights, "weights_blake3": file_hash(weights)}
+        if optimizer is not None:
+            opts = [o for o in self.state.values() if isinstance(o, torch.optim.Optimizer)]
+            if len(opts) != 1:
+                raise InvalidArgumentError(f"start_from_files(optimizer=...) needs one optimizer component, the "
+                                           f"state has {len(opts)}")
+            opts[0].load_state_dict(read_torch_file(optimizer))
+            source.update(optimizer=optimizer, optimizer_blake3=file_hash(optimizer))
+        self._lineage.set("import", [], source)
+        return report
+
+    def transfer_from(
+        self,
+        source: str,
+        *,
+        name: str | None = None,
+        component: str | None = None,
+        model: str | None = None,
+        include: builtins.list[str] | None = None,
+        exclude: builtins.list[str] | None = None,
+        key_map: Mapping[str, str] | None = None,
+        reset_heads: bool = False,
+        strict: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> TransferPlan:
+        """Load what fits from another checkpoint (or exported folder) into a managed model; see
+        :func:`ckptkit.interop.transfer`. The next save's lineage is ``transfer``, with the per-tensor plan; several
+        calls before a save (the branches of a fusion model) become several parents."""
+        self._check_open()
+        comp, target = self._model("transfer_from", model)
+        plan = transfer(
+            source, target, name=name, component=component, include=include, exclude=exclude,
+            key_map=key_map, reset_heads=reset_heads, strict=strict, storage_options=storage_options,
+        )  # fmt: skip
+        changes = jsonable({"into": comp, "plan": plan.to_json(), "warnings": plan.warnings})
+        run = self._lineage
+        parents = run.parents if run.relation == "transfer" else []
+        if plan.source_id is not None:
+            url = plan.source_url if plan.source_url and plan.source_url != self.repo.url else None
+            parent = Parent(id=plan.source_id, relation="transfer", name=plan.source_name, url=url, changes=changes)
+            run.set("transfer", [*parents, parent], run.source if parents else None)
+        else:  # a foreign folder or file: no checkpoint id to chain to; recorded as the source
+            earlier = (run.source or {}).get("transfers", []) if run.relation == "transfer" else []
+            run.set("transfer", parents, {"transfers": [*list(earlier), {"path": source, **changes}]})
+        for w in plan.warnings:
+            log.warning("%s", w)
+        return plan
+
+    def _model(self, verb: str, name: str | None) -> tuple[str, torch.nn.Module]:
+        """The model component ``name``, or the only one."""
+        models = {n: o for n, o in self.state.items() if isinstance(o, torch.nn.Module)}
+        if name is None and len(models) != 1:
+            raise InvalidArgumentError(f"{verb}: name the model component (model=...), the state has {list(models)}")
+        comp = name or next(iter(models))
+        if comp not in models:
+            raise InvalidArgumentError(f"{verb}: {comp!r} is not a model component of this manager ({list(models)})")
+        return comp, models[comp]
+
+    # --- writing -------------------------------------------------------------------------------------------
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step)`` would write a checkpoint."""
+        return self.every is None or step % self.every == 0
+
+    def save(
+        self,
+        step: int,
+        *,
+        epoch: int = 0,
+        step_in_epoch: int = 0,
+        samples_seen: int = 0,
+        metrics: Mapping[str, float] | None = None,
+        data: builtins.list[DataSegment] | None = None,
+        force: bool = False,
+        name: str | None = None,
+    ) -> Manifest | None:
+        """Save a checkpoint if ``step`` is due (or ``force``); then apply retention.
+
+        Returns the committed manifest, or None when the step was not due. With ``async_save=True`` it returns
+        None as soon as the state is copied to host memory; :meth:`wait` returns the manifest once committed.
+        """
+        self._check_open()
+        if not isinstance(step, int) or step < 0:
+            raise InvalidArgumentError(f"step must be a non-negative integer, got {step!r}")
+        if not force and not self.should_save(step):
+            return None
+        name = check_name(name or self.name_format.format(step=step, epoch=epoch))
+        self.wait()  # one save in flight: its lineage is this one's parent, and its buffers are reused
+        lineage = self._lineage.edge(self._last)  # decided here, on the caller's thread, never by the writer
+        if data is None and self.segments:
+            consumed = max(0, samples_seen - self._segment_base)
+            self.segments[-1] = self.segments[-1].model_copy(update={"samples_consumed": consumed})
+            data = list(self.segments)
+        progress = Progress(epoch=epoch, global_step=step, step_in_epoch=step_in_epoch, samples_seen=samples_seen)
+        captured = capture(self.state, rng=self.rng)
+        self._lineage.saved()
+        if self._snapshots is None:
+            return self._commit(captured, name, progress, metrics, data, lineage)
+        snapshot = self._snapshots.take(captured)
+        metrics = dict(metrics or {})
+        if self._writer is None:
+            self._writer = Writer(self.writer_nice)
+            track(self)
+        self._inflight = self._writer.submit(self._commit, snapshot, name, progress, metrics, data, lineage)
+        return None
+
+    def _commit(
+        self,
+        captured: builtins.list[Any],
+        name: str,
+        progress: Progress,
+        metrics: Mapping[str, float] | None,
+        data: builtins.list[DataSegment] | None,
+        lineage: Lineage,
+    ) -> Manifest:
+        manifest = commit_captured(self.repo, captured, name, progress=progress, metrics=metrics,
+                                   hparams=self.hparams, data=data, lineage=lineage,
+                                   object_size=self.object_size)  # fmt: skip
+        self._last = manifest
+        if self.retention is not None:
+            self.prune()
+        return manifest
+
+    def wait(self) -> Manifest | None:
+        """Wait for the save in flight (async mode) and return the last committed manifest.
+
+        Raises whatever the background save raised, once: a failed save is never lost silently.
+        """
+        future, self._inflight = self._inflight, None
+        if future is not None:
+            future.result()
+        return self._last
+
+    def prune(self) -> builtins.list[str]:
+        """Apply retention now; return the names deleted. Never deletes the newest checkpoint or the one this
+        run restored from."""
+        if self.retention is None:
+            return []
+        found = self.list()
+        if not found:
+            return []
+        keep = self.retention.keep(found) | {found[-1].name}
+        if self.restored_from:
+            keep.add(self.restored_from)
+        deleted = []
+        for m in found:
+            if m.name not in keep:
+                try:
+                    self.repo.archive(m.id, dump_manifest(m))  # the history stays readable; objects are freed
+                    self.repo.delete(m.name)
+                    deleted.append(m.name)
+                except CheckpointNotFoundError:
+                    continue  # already gone (another process pruned it)
+        if deleted and self.gc:
+            collect_garbage(self.repo)
+        return deleted
+
+    def close(self) -> None:
+        """Wait for a pending async save (raising its error, if any), then refuse further saves.
+        Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.stop()
+                self._writer = None
+            track(self, live=False)
+
+    def __del__(self) -> None:
+        if getattr(self, "_inflight", None) is not None and not self._inflight.done():  # type: ignore[union-attr]
+            log.warning("CheckpointManager for %s dropped with a save in flight; it still commits", self.repo.url)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosedError("this CheckpointManager is closed; create a new one")
+
+    def pending(self) -> bool:
+        """Whether an async save is still being written."""
+        return self._inflight is not None and not self._inflight.done()
+
+    def describe(self) -> str:
+        """Where this manager saves (for log messages)."""
+        return self.repo.url
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,186 @@
+"""The storage backend protocol: whole objects under keys, with the few atomic operations a repository needs.
+
+A :class:`Backend` stores immutable byte objects under ``/``-separated keys relative to its ``root``
+(``objects/ab/ab12...``, ``checkpoints/step-10.json``). It knows nothing of hashes, manifests or gc; the
+repository (:mod:`ckptkit.storage.repository`) builds those semantics once, on top of these methods.
+
+What every backend guarantees:
+
+* :meth:`Backend.put` stores whole objects: an object under its final key is never partial, even if the
+  process is killed mid-write (temporary file + fsync + rename on local disk; one PUT, or a multipart upload
+  that becomes visible only when it completes, on object stores). It replaces what the key held.
+* :meth:`Backend.put_if_absent` stores an object only if the key is free, and says whether it did. This is the
+  commit of a checkpoint and the taking of the gc lock. It is atomic where the store allows it: an
+  ``O_EXCL``-style hard link on local disk; a conditional PUT (``If-None-Match: *``) on S3 (on a server
+  without conditional writes, an existence check before a plain PUT); an existence check before the write on
+  any other fsspec filesystem, which leaves a short window in which two writers can both succeed.
+* Listings and existence checks are never served from a cache: other processes change the store.
+
+Three backends implement it: :class:`~ckptkit.storage.local.LocalBackend`,
+:class:`~ckptkit.storage.s3.S3Backend` and :class:`~ckptkit.storage.fsspec_backend.FsspecBackend` (any other
+fsspec filesystem). :func:`open_backend` picks one for a URL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from ckptkit.errors import InvalidArgumentError, MissingDependencyError
+
+__all__ = [
+    "DEFAULT_MAX_CONCURRENCY",
+    "DEFAULT_PART_SIZE",
+    "MIB",
+    "Backend",
+    "Entry",
+    "is_s3_filesystem",
+    "open_backend",
+]
+
+MIB = 1 << 20
+DEFAULT_PART_SIZE = 8 * MIB
+"""S3: objects larger than this are uploaded in parts of this size (S3 allows 5 MiB to 5 GiB per part)."""
+DEFAULT_MAX_CONCURRENCY = 8
+"""S3: requests in flight at once (memory held: about ``part_size * max_concurrency``)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stored object, as listed: its key (relative to the backend's root), size in bytes and modification
+    time (seconds since the epoch, as the store reports it; 0.0 where it reports none)."""
+
+    key: str
+    size: int
+    mtime: float
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Where a repository's bytes live. Keys are ``/``-separated and relative to :attr:`root`.
+
+    Attributes:
+        fs: the fsspec filesystem underneath (for tools and tests that need the raw store).
+        root: the path, in ``fs``'s namespace, that keys are relative to.
+    """
+
+    fs: Any
+    root: str
+    kind: str
+    """``"local"``, ``"s3"`` or ``"fsspec"``: what the repository reports as ``local`` / ``s3``."""
+
+    def put(self, objects: Iterable[tuple[str, Iterable[memoryview]]]) -> int:
+        """Store several whole objects, each from its chunks; returns the bytes written.
+
+        Several at once so that the backend can overlap them (the fsync of one with the writing of the next
+        on local disk; concurrent uploads on S3). An object appears under its key only once complete; on an
+        error, no partial object is left under any key.
+        """
+        ...
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` only if nothing has that key; False when something has (see the module
+        docstring for how atomic this is on each store)."""
+        ...
+
+    def get(self, key: str) -> tuple[memoryview, str]:
+        """The whole object as a writable buffer, and the blake3 hex digest of its bytes (computed while
+        reading where the backend can). Raises ``FileNotFoundError`` when there is no such key."""
+        ...
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Bytes ``offset`` to ``offset + length`` of an object (fewer at its end)."""
+        ...
+
+    def info(self, key: str) -> Entry:
+        """Size and modification time of one object. Raises ``FileNotFoundError`` when there is no such key."""
+        ...
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        """The keys among ``keys`` with no stored object, in order (checked concurrently where that helps)."""
+        ...
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Remove these objects; keys with no object are ignored."""
+        ...
+
+    def remove_stale_temporaries(self, prefixes: Sequence[str], older_than: float, dry_run: bool) -> int:
+        """Remove what writes that never finished left under ``prefixes`` and that is older than ``older_than``
+        seconds (temporary files on local disk, incomplete multipart uploads on S3); returns how many there
+        were. With ``dry_run``, only count them."""
+        ...
+
+    # Named like the builtin, so last: the annotations above mean the builtin ``list``.
+    def list(self, prefix: str) -> list[Entry]:
+        """Every object whose key lies under ``prefix/``, at any depth; empty when there is none."""
+        ...
+
+
+def open_backend(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    part_size: int | None = None,
+    max_concurrency: int | None = None,
+) -> Backend:
+    """The backend for ``url``: local disk, S3, or any other fsspec filesystem.
+
+    ``part_size`` and ``max_concurrency`` are options of the S3 backend
+    (:class:`~ckptkit.storage.s3.S3Backend`); ``None`` takes its defaults.
+
+    Raises:
+        InvalidArgumentError: ``storage_options`` asks for a listings cache, or S3 options are given for a URL
+            that is not on S3 (they would have no effect there), or they are out of range.
+        MissingDependencyError: the fsspec implementation for the URL's protocol is not installed.
+
+    Example:
+        >>> type(open_backend("memory://docs-backend")).__name__
+        'FsspecBackend'
+    """
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    from ckptkit.storage.fsspec_backend import FsspecBackend
+    from ckptkit.storage.local import LocalBackend
+
+    options = dict(storage_options or {})
+    if options.get("use_listings_cache"):
+        raise InvalidArgumentError("storage_options: use_listings_cache=True is not supported: a repository must "
+                                   "see what other processes wrote, so it never lists from a cache")  # fmt: skip
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **options)
+        cache = getattr(fs, "dircache", None)
+        if not isinstance(fs, LocalFileSystem) and getattr(cache, "use_listings_cache", False):
+            fs, root = fsspec.core.url_to_fs(url, **options, use_listings_cache=False)
+    except ImportError as err:
+        proto = url.split("://", 1)[0]
+        raise MissingDependencyError(
+            f"cannot open {url}: the fsspec backend for {proto}:// is not installed ({err}); "
+            f"for S3 install `ckptkit[s3]`"
+        ) from err
+    root = root.rstrip("/") or "/"
+    if is_s3_filesystem(fs):
+        from ckptkit.storage.s3 import S3Backend  # asyncio and s3fs's loop: only for S3 repositories
+
+        return S3Backend(
+            fs,
+            root,
+            part_size=DEFAULT_PART_SIZE if part_size is None else part_size,
+            max_concurrency=DEFAULT_MAX_CONCURRENCY if max_concurrency is None else max_concurrency,
+        )
+    if part_size is not None or max_concurrency is not None:
+        raise InvalidArgumentError(
+            f"part_size and max_concurrency apply to S3 repositories (s3://...); {url} is on "
+            f"{type(fs).__name__}, which would ignore them"
+        )
+    if isinstance(fs, LocalFileSystem):
+        return LocalBackend(fs, os.path.abspath(root))
+    return FsspecBackend(fs, root)
+
+
+def is_s3_filesystem(fs: Any) -> bool:
+    """Whether ``fs`` is an s3fs filesystem (one with the async S3 calls the S3 backend uses)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocols and hasattr(fs, "_call_s3") and hasattr(fs, "split_path")
