@@ -24,6 +24,8 @@ from __future__ import annotations
 import builtins
 import concurrent.futures
 import logging
+import re
+import string
 import uuid
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -39,6 +41,7 @@ from ckptkit.errors import (
     CheckpointNotFoundError,
     InvalidArgumentError,
     ManagerClosedError,
+    ManifestError,
 )
 from ckptkit.format import DEFAULT_OBJECT_SIZE
 from ckptkit.hashing import check_name, file_hash
@@ -48,7 +51,7 @@ from ckptkit.manager.lineage import RunLineage, jsonable
 from ckptkit.manager.retention import Retention
 from ckptkit.manager.snapshot import Snapshotter
 from ckptkit.manager.writer import Writer, track
-from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, dump_manifest
+from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, dump_manifest, parse_manifest
 from ckptkit.state import LoadReport, capture, check_targets, is_data_loader
 from ckptkit.state.files import load_model_tensors, read_tensor_file, read_torch_file
 from ckptkit.training.schedule import Policy
@@ -66,7 +69,11 @@ class CheckpointManager:
             :class:`~ckptkit.storage.Repository` (to set S3 multipart ``part_size``/``max_concurrency``).
         state: components by name (models, optimizers, schedulers, scalers, Stateful objects, values).
         every: ``save(step)`` writes only when ``step`` is a multiple of this (``force=True`` always writes).
-        retention: which checkpoints to keep after each save (``None`` keeps all).
+        retention: which of this run's checkpoints to keep after each save (``None`` keeps all). This run's
+            checkpoints are those named by ``name_format`` (so a resumed run prunes what it wrote before a crash);
+            other runs sharing the repository use another ``name_format`` (their names would collide otherwise),
+            and their checkpoints, and any checkpoint another run started from (resumed, continued or transferred
+            from), are never pruned.
         name_format: checkpoint names, formatted with ``step`` and ``epoch``.
         hparams: hyperparameters recorded in every checkpoint.
         rng: capture and restore process RNG.
@@ -140,6 +147,8 @@ class CheckpointManager:
         self._inflight: concurrent.futures.Future[Manifest] | None = None
         self._last: Manifest | None = None
         self._lineage = RunLineage(self.run)
+        self._run_starts: dict[str, set[str]] = {}  # other runs' start points, for prune
+        self._own = _name_pattern(name_format)  # the names this run's checkpoints have
         self._closed = False
 
     # --- reading -------------------------------------------------------------------------------------------
@@ -392,19 +401,25 @@ class CheckpointManager:
         return self._last
 
     def prune(self) -> builtins.list[str]:
-        """Apply retention now; return the names deleted. Never deletes the newest checkpoint or the one this
-        run restored from."""
+        """Apply retention to this run's checkpoints now; return the names deleted.
+
+        Only this run's checkpoints are considered: those whose names ``name_format`` makes (whichever process of
+        the run wrote them). Never deletes this run's newest checkpoint, the one it restored from, or a checkpoint
+        another run in the repository started from (resumed, continued or transferred from).
+        """
         if self.retention is None:
             return []
         found = self.list()
-        if not found:
+        mine = [m for m in found if self._own.fullmatch(m.name)]
+        if not mine:
             return []
-        keep = self.retention.keep(found) | {found[-1].name}
+        needed = self._needed_by_other_runs(found)
+        keep = self.retention.keep(mine) | {mine[-1].name}
         if self.restored_from:
             keep.add(self.restored_from)
         deleted = []
-        for m in found:
-            if m.name not in keep:
+        for m in mine:
+            if m.name not in keep and m.id not in needed:
                 try:
                     self.repo.archive(m.id, dump_manifest(m))  # the history stays readable; objects are freed
                     self.repo.delete(m.name)
@@ -414,6 +429,36 @@ class CheckpointManager:
         if deleted and self.gc:
             collect_garbage(self.repo)
         return deleted
+
+    def _needed_by_other_runs(self, found: builtins.list[Manifest]) -> set[str]:
+        """Ids of checkpoints that other runs in the repository started from (resumed, continued, transferred):
+        the parents of their checkpoints, and of the first checkpoint of each run, found through the archived
+        manifests of its pruned `train` checkpoints (each run's start is looked up once per manager)."""
+        others = [m for m in found if not self._own.fullmatch(m.name)]
+        needed = {p.id for m in others for p in m.lineage.parents}
+        oldest: dict[str, Manifest] = {}
+        for m in others:
+            if m.lineage.run:
+                oldest.setdefault(m.lineage.run, m)
+        for run, m in oldest.items():
+            if run not in self._run_starts:
+                self._run_starts[run] = self._start_of(m)
+            needed |= self._run_starts[run]
+        return needed
+
+    def _start_of(self, m: Manifest) -> set[str]:
+        """The parents of the first checkpoint of ``m``'s run (walking archived `train` parents back)."""
+        seen: set[str] = set()
+        while m.lineage.relation == "train" and m.lineage.parents and m.id not in seen:
+            seen.add(m.id)
+            raw = self.repo.read_archived(m.lineage.parents[0].id)
+            if raw is None:
+                return set()  # the parent is still committed (then it is in `found`) or gone
+            try:
+                m = parse_manifest(raw, f"{self.repo.url}/lineage/{m.lineage.parents[0].id}.json")
+            except ManifestError:
+                return set()
+        return {p.id for p in m.lineage.parents}
 
     def close(self) -> None:
         """Wait for a pending async save (raising its error, if any), then refuse further saves.
@@ -450,3 +495,13 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _name_pattern(name_format: str) -> re.Pattern[str]:
+    """A pattern that matches exactly the names ``name_format`` makes (its fields become digit runs)."""
+    parts = []
+    for literal, field_name, _spec, _conv in string.Formatter().parse(name_format):
+        parts.append(re.escape(literal))
+        if field_name is not None:
+            parts.append("[0-9]+")
+    return re.compile("".join(parts))
