@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     Method,
     Targets,
     check_common,
@@ -85,7 +85,7 @@ def main() -> None:
             Method("cli_log_s", "ckptkit log", run=lambda i: timed([cli, "log", repo])),
             Method("python_s", "python -c pass", run=lambda i: timed([sys.executable, "-c", "pass"])),
             Method("import_torch_s", "python -c 'import torch'",
-                   run=lambda i: timed([sys.executable, "-c", "import torch"])),  # fmt: skip
+                   run=lambda i: timed([sys.executable, "-c", "import torch"])),
         ]
         interleaved_rounds(method_calls(methods), args.runs, args.warmup)
     by_key = {m.key: m for m in methods}

@@ -7,6 +7,8 @@ so ``except FileNotFoundError`` keeps working around ckptkit calls.
 
 from __future__ import annotations
 
+import errno as _errno
+
 __all__ = [
     "AdapterError",
     "ArgumentTypeError",
@@ -28,6 +30,9 @@ __all__ = [
     "SourceFormatError",
     "SourceNotFoundError",
     "StateMismatchError",
+    "StorageError",
+    "StorageFullError",
+    "StorageTimeoutError",
     "UnsupportedStateError",
 ]
 
@@ -116,6 +121,37 @@ class FormatVersionError(ManifestError):
         self.problem = f"format_version {found} > {supported}"
 
 
+class StorageError(CkptkitError, OSError):
+    """A storage request failed for a reason other than a missing key: the connection was refused or cut, a
+    response was cut short, the server answered with an error, or a local file could not be read.
+
+    Attributes ``url`` (the repository), ``action`` (what was being done), ``key`` (the object it was done to,
+    relative to the repository; None for the repository as a whole) and ``problem``; the library's own error is
+    chained as ``__cause__``.
+    """
+
+    def __init__(self, url: str, action: str, key: str | None, problem: str, hint: str = "") -> None:
+        self.url = url
+        self.action = action
+        self.key = key
+        self.problem = problem
+        target = f"{key} in {url}" if key else url
+        fix = hint or "check the endpoint, the credentials and the network, then retry"
+        super().__init__(f"{action} {target} failed: {problem}; {fix}")
+
+
+class StorageTimeoutError(StorageError, TimeoutError):
+    """A storage request did not complete within its deadline (see ``Repository(timeout=...)``); the operation
+    was abandoned (a save's unfinished uploads aborted, its checkpoint not committed)."""
+
+    def __init__(self, url: str, action: str, key: str | None, seconds: float, detail: str = "") -> None:
+        self.seconds = seconds
+        extra = f" ({detail})" if detail else ""
+        super().__init__(url, action, key, f"no answer from the storage within {seconds:.3g}s{extra}",
+                         "the endpoint is stalled or unreachable: check it and the network, then retry "
+                         "(Repository(url, timeout=SECONDS) sets the deadline of each request)")  # fmt: skip
+
+
 class StateMismatchError(CkptkitError, ValueError):
     """The saved state does not fit the object it is restored into (keys or shapes differ)."""
 
@@ -198,6 +234,27 @@ class DestinationNotEmptyError(CkptkitError, FileExistsError):
     def __init__(self, dest: str) -> None:
         self.dest = dest
         super().__init__(f"export destination {dest} is not empty: choose a new folder (nothing was written)")
+
+
+class StorageFullError(CkptkitError, OSError):
+    """The storage has no room for a write: no space left on the device (``ENOSPC``) or over a disk quota
+    (``EDQUOT``). ``errno`` is the system's; ``url`` is the repository and ``path`` the file that could not be
+    written. Nothing partial is left: a save that hits it commits nothing (its complete objects are garbage for gc).
+    """
+
+    ERRNOS = frozenset(c for c in (_errno.ENOSPC, getattr(_errno, "EDQUOT", None)) if c is not None)
+    """The ``errno`` values of a write that found no room."""
+
+    def __init__(self, url: str, path: str, code: int | None = None, hint: str = "") -> None:
+        self.url = url
+        self.path = path
+        code = _errno.ENOSPC if code is None else code
+        what = "over its disk quota" if code == getattr(_errno, "EDQUOT", -1) else "no space left on the device"
+        fix = hint or (f"free space: `ckptkit gc {url}` deletes what no checkpoint references, after pruning old "
+                       "checkpoints (CheckpointManager.prune(), or `Repository.retire`) if gc finds nothing")
+        super().__init__(f"cannot write {path} in repository {url}: {what} (errno {code}); nothing was committed; "
+                         f"{fix}")
+        self.errno = code  # set after: OSError's own formatting would hide the message
 
 
 def _cwd() -> str:

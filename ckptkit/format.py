@@ -75,11 +75,19 @@ class Encoded:
 def encode(value: Any, where: str) -> Encoded:
     """Split ``value`` into typed JSON and tensors. ``where`` names it in errors (e.g. ``"optimizer"``)."""
     out = Encoded(None)
-    out.json = _enc(value, where, out.tensors)
+    out.json = _enc(value, where, out.tensors, 0)
     return out
 
 
-def _enc(v: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+MAX_DEPTH = 100
+"""How deeply a value may nest (containers in containers): what :func:`encode` stores, :func:`decode` reads back;
+deeper JSON in a manifest is refused before it can exhaust the interpreter's stack."""
+
+
+def _enc(v: Any, path: str, tensors: dict[str, torch.Tensor], depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise UnsupportedStateError(path, f"a value nested deeper than {MAX_DEPTH} levels",
+                                    f"flatten it: ckptkit stores values nested at most {MAX_DEPTH} levels deep")
     if v is None or isinstance(v, (bool, str)):
         return v
     if isinstance(v, int):
@@ -97,77 +105,178 @@ def _enc(v: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         tensors[key] = torch.from_numpy(np.ascontiguousarray(v))
         return {"$tensor": key, "numpy": True}
     if isinstance(v, np.generic):
-        return {"$np": v.dtype.str, "value": _enc(v.item(), path, tensors)}
+        item = v.item()
+        if isinstance(item, np.generic):  # longdouble, clongdouble: no Python type holds them exactly
+            raise UnsupportedStateError(path, f"numpy.{type(v).__name__}", "convert it to a float or a tensor")
+        return {"$np": v.dtype.str, "value": _enc(item, path, tensors, depth + 1)}
     if isinstance(v, torch.dtype):
         return {"$dtype": str(v).removeprefix("torch.")}
     if isinstance(v, (bytes, bytearray)):
         return {"$bytes": base64.b64encode(bytes(v)).decode()}
+    d = depth + 1
     if isinstance(v, tuple):
-        return {"$tuple": [_enc(x, f"{path}[{i}]", tensors) for i, x in enumerate(v)]}
+        return {"$tuple": [_enc(x, f"{path}[{i}]", tensors, d) for i, x in enumerate(v)]}
     if isinstance(v, list):
-        return [_enc(x, f"{path}[{i}]", tensors) for i, x in enumerate(v)]
+        return [_enc(x, f"{path}[{i}]", tensors, d) for i, x in enumerate(v)]
     if isinstance(v, (set, frozenset)):
         items = sorted(v, key=repr)  # sets have no order; sort for deterministic bytes
-        return {"$set": [_enc(x, f"{path}{{}}", tensors) for x in items]}
+        return {"$set": [_enc(x, f"{path}{{}}", tensors, d) for x in items]}
     if isinstance(v, Mapping):
         if all(isinstance(k, str) and not k.startswith("$") for k in v):
-            return {k: _enc(x, f"{path}.{k}", tensors) for k, x in v.items()}
+            return {k: _enc(x, f"{path}.{k}", tensors, d) for k, x in v.items()}
         # Non-string keys (optimizer state is keyed by int) or keys that look like our tags.
-        return {"$dict": [[_enc(k, f"{path}<key>", tensors), _enc(x, f"{path}.{k}", tensors)]
+        return {"$dict": [[_enc(k, f"{path}<key>", tensors, d), _enc(x, f"{path}.{k}", tensors, d)]
                           for k, x in v.items()]}
     raise UnsupportedStateError(path, f"{type(v).__module__}.{type(v).__qualname__}")
 
 
+# The keys each tag's JSON object holds (what _enc writes); anything else beside a tag is refused.
+_TAG_KEYS: dict[str, frozenset[str]] = {tag: frozenset({tag}) for tag in _TAGS}
+_TAG_KEYS["$tensor"] = frozenset({"$tensor", "numpy"})
+_TAG_KEYS["$np"] = frozenset({"$np", "value"})
+_TORCH_DTYPE_NAMES: dict[str, torch.dtype] = {n: v for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
+_NP_SCALAR_KINDS = "biufUS"  # what np.generic.item() of a storable scalar gives back: bool, int, float, str, bytes
+
+
 def decode(data: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
-    """Inverse of :func:`encode`. ``data`` is untrusted: malformed tags raise :class:`ManifestError`."""
-    return _dec(data, tensors, where)
+    """Inverse of :func:`encode`. ``data`` is untrusted: a malformed tag, a reference to a tensor the component
+    lacks, a numpy scalar of an unknown type or out of its range, an unhashable key, or nesting deeper than
+    :data:`MAX_DEPTH` raises :class:`ManifestError` for ``where``, naming the field (``state.0.weight.exp_avg``).
+
+    Example:
+        >>> decode({"$tuple": [1, {"$float": "inf"}]}, {}, "x")
+        (1, inf)
+        >>> decode({"$np": "<i1", "value": 300}, {}, "component 'v'")
+        Traceback (most recent call last):
+        ...
+        ckptkit.errors.ManifestError: invalid manifest component 'v': (root): $np value 300 is out of the range of int8
+    """
+    return _Decoder(tensors, where).dec(data, "", 0)
 
 
-def _dec(d: Any, tensors: Mapping[str, torch.Tensor], path: str) -> Any:
-    if d is None or isinstance(d, (bool, int, float, str)):
-        return d
-    if isinstance(d, list):
-        return [_dec(x, tensors, path) for x in d]
-    if not isinstance(d, dict):
-        raise ManifestError(path, f"unexpected JSON value of type {type(d).__name__}")
-    tag = next((k for k in d if k in _TAGS), None)
-    if tag is None:
-        return {k: _dec(x, tensors, f"{path}.{k}") for k, x in d.items()}
-    body = d[tag]
-    try:
+class _Decoder:
+    def __init__(self, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+        self.tensors = tensors
+        self.where = where
+
+    def fail(self, path: str, problem: str) -> ManifestError:
+        shown = path if len(path) <= 120 else f"{path[:58]}...{path[-58:]}"
+        return ManifestError(self.where, f"{shown or '(root)'}: {problem}")
+
+    def dec(self, d: Any, path: str, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise self.fail(path, f"nested deeper than {MAX_DEPTH} levels")
+        if d is None or isinstance(d, (bool, int, float, str)):
+            return d
+        if isinstance(d, list):
+            return [self.dec(x, f"{path}[{i}]", depth + 1) for i, x in enumerate(d)]
+        if not isinstance(d, dict):
+            raise self.fail(path, f"unexpected JSON value of type {type(d).__name__}")
+        tag = next((k for k in d if k in _TAGS), None)
+        if tag is None:
+            return {k: self.dec(x, f"{path}.{k}" if path else k, depth + 1) for k, x in d.items()}
+        extra = sorted(set(d) - _TAG_KEYS[tag])
+        if extra:
+            raise self.fail(path, f"a {tag} value has unexpected keys {_short(extra)}")
+        return self.tagged(tag, d[tag], d, path, depth + 1)
+
+    def items(self, tag: str, body: Any, path: str) -> list[Any]:
+        if not isinstance(body, list):
+            raise self.fail(path, f"{tag} must hold a list, found {type(body).__name__}")
+        return body
+
+    def hashable(self, k: Any, path: str) -> Any:
+        try:
+            hash(k)
+        except TypeError:
+            raise self.fail(path, f"unhashable key or set element {_short(k)}") from None
+        return k
+
+    def tagged(self, tag: str, body: Any, d: dict[str, Any], path: str, depth: int) -> Any:
         if tag == "$tensor":
-            t = tensors[body]
-            return t.numpy() if d.get("numpy") else t
+            t = self.tensors.get(body) if isinstance(body, str) else None
+            if t is None:
+                raise self.fail(path, f"$tensor {_short(body)} is not one of the component's tensors")
+            numpy = d.get("numpy", False)
+            if not isinstance(numpy, bool):
+                raise self.fail(path, f"$tensor's 'numpy' must be true or false, found {_short(numpy)}")
+            if not numpy:
+                return t
+            try:
+                return t.numpy()
+            except (TypeError, RuntimeError) as err:  # bfloat16 and other dtypes numpy lacks
+                raise self.fail(path, f"tensor {body!r} of dtype {t.dtype} cannot be a numpy array ({err})") from err
         if tag == "$tuple":
-            return tuple(_dec(x, tensors, path) for x in body)
+            return tuple(self.dec(x, f"{path}[{i}]", depth) for i, x in enumerate(self.items(tag, body, path)))
+        if tag == "$set":
+            return {self.hashable(self.dec(x, f"{path}{{}}", depth), path) for x in self.items(tag, body, path)}
+        if tag == "$dict":
+            out: dict[Any, Any] = {}
+            for i, pair in enumerate(self.items(tag, body, path)):
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise self.fail(f"{path}[{i}]", f"a $dict entry must be a [key, value] pair, found {_short(pair)}")
+                key = self.hashable(self.dec(pair[0], f"{path}<key {i}>", depth), f"{path}<key {i}>")
+                out[key] = self.dec(pair[1], f"{path}.{key}" if path else str(key), depth)
+            return out
         if tag == "$float":
             if body not in ("nan", "inf", "-inf"):
-                raise ManifestError(path, f"bad $float {str(body)[:40]!r}: expected nan, inf or -inf")
+                raise self.fail(path, f"bad $float {_short(body)}: expected nan, inf or -inf")
             return float(body)
         if tag == "$bytes":
-            return base64.b64decode(body, validate=True)
-        if tag == "$dict":
-            return {_hashable(_dec(k, tensors, path), path): _dec(x, tensors, path) for k, x in body}
-        if tag == "$set":
-            return {_hashable(_dec(x, tensors, path), path) for x in body}
-        if tag == "$np":
-            return np.dtype(body).type(_dec(d["value"], tensors, path))
+            if not isinstance(body, str):
+                raise self.fail(path, f"$bytes must be a base64 string, found {type(body).__name__}")
+            try:
+                return base64.b64decode(body, validate=True)
+            except ValueError as err:  # binascii.Error
+                raise self.fail(path, f"$bytes is not valid base64 ({err})") from err
         if tag == "$dtype":
-            dt = getattr(torch, body)
-            if not isinstance(dt, torch.dtype):
-                raise ManifestError(path, f"{str(body)[:40]!r} is not a torch dtype")
+            dt = _TORCH_DTYPE_NAMES.get(body) if isinstance(body, str) else None
+            if dt is None:
+                raise self.fail(path, f"{_short(body)} is not a torch dtype")
             return dt
-    except ManifestError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ManifestError(path, f"malformed {tag} value {str(body)[:80]!r}: {err}") from err
-    raise ManifestError(path, f"unknown tag {tag}")  # pragma: no cover (every tag of _TAGS is handled above)
+        assert tag == "$np"
+        return self.np_scalar(body, d.get("value"), path, depth)
+
+    def np_scalar(self, body: Any, raw: Any, path: str, depth: int) -> Any:
+        try:
+            dt = np.dtype(body) if isinstance(body, str) and len(body) <= 16 else None
+        except (TypeError, ValueError):
+            dt = None
+        if dt is None or dt.kind not in _NP_SCALAR_KINDS or (dt.kind in "biuf" and dt.itemsize > 8) or dt.fields \
+                is not None or dt.subdtype is not None:
+            raise self.fail(path, f"$np {_short(body)} is not a numpy bool, integer, float, str or bytes type")
+        value = self.dec(raw, path, depth)
+        kind = dt.kind
+        ok = (
+            (kind == "b" and isinstance(value, bool))
+            or (kind in "iu" and isinstance(value, int) and not isinstance(value, bool))
+            or (kind == "f" and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (kind == "U" and isinstance(value, str))
+            or (kind == "S" and isinstance(value, bytes))
+        )
+        if not ok:
+            raise self.fail(path, f"$np value {_short(value)} does not fit numpy type {dt}")
+        if kind == "U":
+            return np.str_(value)
+        if kind == "S":
+            return np.bytes_(value)
+        if kind in "iu":
+            info = np.iinfo(dt)
+            if not info.min <= value <= info.max:
+                raise self.fail(path, f"$np value {_short(value)} is out of the range of {dt}")
+        elif kind == "f":
+            try:
+                fits = not math.isfinite(value) or abs(float(value)) <= float(np.finfo(dt).max)
+            except OverflowError:  # an integer too large for any float
+                fits = False
+            if not fits:
+                raise self.fail(path, f"$np value {_short(value)} is out of the range of {dt}")
+        return dt.type(value)
 
 
-def _hashable(k: Any, path: str) -> Any:
-    if isinstance(k, (list, dict)):
-        raise ManifestError(path, f"unhashable key {str(k)[:80]}")
-    return k
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --- objects (safetensors) ---------------------------------------------------------------------------------

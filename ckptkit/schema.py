@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from collections.abc import Collection, Mapping
 from typing import Annotated, Any, Literal
 
 import blake3
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, PlainSerializer, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, PlainSerializer, ValidationError
 
 from ckptkit.errors import FormatVersionError, ManifestError
 from ckptkit.hashing import HASH_RE, NAME_RE
@@ -43,6 +43,7 @@ __all__ = [
     "json_schema",
     "manifest_id",
     "parse_manifest",
+    "resolve_aliases",
 ]
 
 FORMAT_VERSION = 1
@@ -163,7 +164,7 @@ class Manifest(_Strict):
     format_version: int = Field(ge=1)
     id: Hash = Field(description="blake3 of the canonical manifest without this field")
     name: Name
-    created_at: datetime
+    created_at: AwareDatetime  # with its UTC offset: naive and aware datetimes do not sort together
     hash_algorithm: Literal["blake3"] = "blake3"
     environment: Environment
     progress: Progress = Field(default_factory=Progress)
@@ -179,6 +180,36 @@ class Manifest(_Strict):
         data = self.model_dump(mode="json")
         data.pop("id")
         return data
+
+
+def resolve_aliases(stored: Collection[str], aliases: Mapping[str, str], where: str) -> dict[str, str]:
+    """Each alias of a component (a tied tensor's name) -> the stored tensor it names, following chains.
+
+    Raises:
+        ManifestError: an alias is also a stored tensor, an alias chain loops, or it ends at a name that is not stored.
+
+    Example:
+        >>> resolve_aliases({"w"}, {"tied": "w", "tied2": "tied"}, "component 'model'")
+        {'tied': 'w', 'tied2': 'w'}
+    """
+    out: dict[str, str] = {}
+    for alias, first in aliases.items():
+        if alias in stored:
+            raise ManifestError(where, f"aliases.{alias}: {alias!r} is both a stored tensor and an alias")
+        chain, seen, target = [alias], {alias}, first
+        while target not in stored and target not in out and target in aliases:
+            if target in seen:
+                shown = " -> ".join([*chain[:5], "...", target] if len(chain) > 5 else [*chain, target])
+                raise ManifestError(where, f"aliases.{alias}: the aliases loop ({shown})")
+            chain.append(target)
+            seen.add(target)
+            target = aliases[target]
+        end = out.get(target, target)
+        if end not in stored:
+            raise ManifestError(where, f"aliases.{alias}: points at {end!r}, which is not one of the stored tensors")
+        for a in chain:
+            out[a] = end
+    return out
 
 
 def canonical_json(data: Any) -> bytes:

@@ -6,6 +6,6 @@ import os
 # start); the command has no use for them.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-from ckptkit.cli.main import main, run  # noqa: E402
+from ckptkit.cli.main import main, run
 
 __all__ = ["main", "run"]

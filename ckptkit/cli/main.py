@@ -7,15 +7,17 @@ they start in a fraction of a second; verbs that touch tensors import it when th
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 import click
 
 from ckptkit.engine.manifests import latest_manifest, list_manifests, open_repository
-from ckptkit.errors import CkptkitError
+from ckptkit.errors import CkptkitError, InvalidArgumentError
 from ckptkit.interop.importers.registry import FORMATS
 from ckptkit.schema import Manifest
+from ckptkit.storage import Repository
 
 __all__ = ["main", "run"]
 
@@ -31,6 +33,22 @@ def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _repo(url: str, options: tuple[str, ...]) -> Repository:
+    """The repository at ``url``; a URL fsspec cannot open (unknown protocol, options it refuses) is a typed error."""
+    try:
+        return open_repository(url, _options(options))
+    except CkptkitError:
+        raise
+    except (ValueError, TypeError) as err:  # fsspec: "Protocol not known", an unexpected storage option
+        raise InvalidArgumentError(f"cannot open repository {url!r}: {err}") from err
+
+
+def _storage(url: str, options: tuple[str, ...]) -> dict[str, Any]:
+    """The storage options for ``url``, once the URL is known to open (for verbs that open it themselves)."""
+    _repo(url, options)
+    return _options(options)
 
 
 _opt = click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
@@ -58,7 +76,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def ls_cmd(url: str, options: tuple[str, ...], as_json: bool) -> None:
     """List the committed checkpoints in URL, oldest first."""
-    found = list_manifests(open_repository(url, _options(options)))
+    found = list_manifests(_repo(url, options))
     if as_json:
         click.echo(json.dumps([_row(m) for m in found], indent=2))
         return
@@ -105,7 +123,7 @@ def _row(m: Manifest) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="print the whole manifest as JSON")
 def show_cmd(url: str, name: str | None, options: tuple[str, ...], as_json: bool) -> None:
     """Show checkpoint NAME (default: the latest) as readable tables."""
-    m = latest_manifest(open_repository(url, _options(options)), name)
+    m = latest_manifest(_repo(url, options), name)
     if as_json:
         click.echo(m.model_dump_json(indent=2))
         return
@@ -165,7 +183,7 @@ def verify_cmd(url: str, name: str | None, chain: bool, options: tuple[str, ...]
 
         with Progress(transient=True, console=_console(err=True)) as bar:
             task = bar.add_task("verifying the chain", total=None)
-            rep = verify_chain(url, name, storage_options=_options(options),
+            rep = verify_chain(url, name, storage_options=_storage(url, options),
                                progress=lambda what: bar.update(task, advance=1, description=what))  # fmt: skip
         for where, problems in rep.problems.items():
             for p in problems:
@@ -178,7 +196,7 @@ def verify_cmd(url: str, name: str | None, chain: bool, options: tuple[str, ...]
         return
     from ckptkit.engine.verify import verify_repository
 
-    reports = verify_repository(open_repository(url, _options(options)), name)
+    reports = verify_repository(_repo(url, options), name)
     bad = 0
     for r in reports:
         if r.ok:
@@ -202,7 +220,7 @@ def log_cmd(url: str, name: str | None, options: tuple[str, ...]) -> None:
     """History of checkpoint NAME (default: the latest), newest first, like git log."""
     from ckptkit.history.graph import history
 
-    h = history(url, name, storage_options=_options(options))
+    h = history(url, name, storage_options=_storage(url, options))
     out: list[str] = []  # printed at once: hundreds of checkpoints print in a blink
     for n in h.nodes:
         m = n.manifest
@@ -248,7 +266,7 @@ def lineage_cmd(url: str, name: str | None, fmt: str, output: str | None, option
     from ckptkit.history.graph import history
     from ckptkit.history.render import render
 
-    h = history(url, name, storage_options=_options(options))
+    h = history(url, name, storage_options=_storage(url, options))
     if fmt in ("svg", "png"):
         dot = shutil.which("dot")
         if dot is None:
@@ -290,7 +308,8 @@ def diff_cmd(a: str, b: str, component: str | None, show_all: bool, options: tup
     from ckptkit.history.diff import diff
 
     (ua, na), (ub, nb) = _ref(a), _ref(b)
-    d = diff(ua, na, ub, nb, component=component, storage_options=_options(options))
+    _repo(ub, options)
+    d = diff(ua, na, ub, nb, component=component, storage_options=_storage(ua, options))
     from rich.table import Table
 
     con = _console()
@@ -324,11 +343,13 @@ def copy_cmd(
 
     from ckptkit.history.copy import copy
 
+    src_options = _storage(src, options)
+    _repo(dst, dst_options or options)  # fails here, before any copying, when DST cannot be opened
+    dst_storage = _options(dst_options) if dst_options else None
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, transient=True, console=_console(err=True)) as bar:
         task = bar.add_task("copying", total=None)
-        rep = copy(src, dst, list(names) or None, storage_options=_options(options),
-                   dst_storage_options=_options(dst_options) if dst_options else None,
+        rep = copy(src, dst, list(names) or None, storage_options=src_options, dst_storage_options=dst_storage,
                    progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
     click.echo(f"copied {len(rep.checkpoints)} checkpoint(s), {rep.objects_copied} object(s) "
                f"({_size(rep.bytes_copied)}); "
@@ -345,7 +366,7 @@ def audit_cmd(url: str, name: str | None, html_file: str | None, options: tuple[
     """A readable report of one model's history: base, data, hyperparameters, metrics, transfers, integrity."""
     from ckptkit.history.audit import audit, render_html, render_text
 
-    a = audit(url, name, storage_options=_options(options))
+    a = audit(url, name, storage_options=_storage(url, options))
     click.echo(render_text(a))
     if html_file:
         with open(html_file, "w") as f:
@@ -360,10 +381,19 @@ def audit_cmd(url: str, name: str | None, html_file: str | None, options: tuple[
 @_opt
 @click.option("--dry-run", is_flag=True, help="report what would be deleted, delete nothing")
 def gc_cmd(url: str, options: tuple[str, ...], dry_run: bool) -> None:
-    """Delete objects no checkpoint in URL references."""
+    """Delete objects no checkpoint in URL references (it runs on a full disk too, to free space there)."""
     from ckptkit.engine.gc import collect_garbage
+    from ckptkit.errors import StorageError, StorageFullError
 
-    rep = collect_garbage(open_repository(url, _options(options)), dry_run=dry_run)
+    try:
+        rep = collect_garbage(open_repository(url, _options(options)), dry_run=dry_run)
+    except CkptkitError:
+        raise  # typed, with its fix (a full disk: StorageFullError); printed as one `error:` line
+    except OSError as err:  # the store refused gc (permissions, a read-only filesystem): one line, no traceback
+        if err.errno in StorageFullError.ERRNOS:  # a full disk that no backend named
+            raise StorageFullError(url, err.filename or url, err.errno) from err
+        raise StorageError(url, "gc of", None, f"{type(err).__name__}: {err}",
+                           "check the repository's permissions and its filesystem, then retry") from err
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb} {rep.objects_removed} object(s), {_size(rep.bytes_removed)}; kept {rep.objects_kept}; "
                f"{verb} {rep.temp_files_removed} stale temporary file(s)")  # fmt: skip
@@ -379,7 +409,7 @@ def export_cmd(url: str, dest: str, name: str | None, component: str | None, opt
     """Export checkpoint NAME's model (default: the latest) to DEST in its framework's format."""
     from ckptkit.interop.export import export
 
-    for f in export(url, dest, name, component=component, storage_options=_options(options)):
+    for f in export(url, dest, name, component=component, storage_options=_storage(url, options)):
         click.echo(f)
 
 
@@ -397,7 +427,7 @@ def import_cmd(src: str, url: str, name: str | None, fmt: str | None, options: t
     entry and the class."""
     from ckptkit.interop.importers import import_from
 
-    m = import_from(src, url, name, format=fmt, storage_options=_options(options))
+    m = import_from(src, url, name, format=fmt, storage_options=_storage(url, options))
     source = m.lineage.source or {}
     click.echo(f"imported {src} as {m.name} ({m.id[:12]}), format {source.get('format')}: "
                f"components {', '.join(m.components)}")  # fmt: skip
@@ -424,17 +454,47 @@ def demo_cmd(url: str, steps: int) -> None:
 
 
 def run() -> None:
-    """Entry point that turns ckptkit errors into one clear line and exit status 2."""
+    """Entry point: every error a user can cause ends in one ``error: ...`` line on stderr, never a traceback.
+
+    Exit status: 2 for ckptkit errors, usage errors and unreadable or unwritable files; the status click gives for
+    its other errors; 130 when interrupted (Ctrl-C); 1 for anything unexpected (a bug in ckptkit: the line says
+    so, and ``CKPTKIT_TRACEBACK=1`` prints the traceback).
+    """
     try:
         main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as err:
+        if isinstance(err.__context__, EOFError):  # click turns any EOFError into Abort: this one came from code
+            _fail(err.__context__)
         sys.exit(130)
+    except click.UsageError as err:
+        hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+        click.echo(f"error: {err.format_message()}{hint}", err=True)
+        sys.exit(err.exit_code)
     except click.ClickException as err:
-        err.show()
+        click.echo(f"error: {err.format_message()}", err=True)
         sys.exit(err.exit_code)
     except CkptkitError as err:
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {_one_line(err)}", err=True)
         sys.exit(2)
+    except OSError as err:  # a path given on the command line that cannot be read or written (-O, --html ...)
+        click.echo(f"error: {_one_line(err)}", err=True)
+        sys.exit(2)
+    except (SystemExit, KeyboardInterrupt, GeneratorExit):
+        raise
+    except BaseException as err:  # torch.distributed.checkpoint raises BaseExceptions for errors too
+        _fail(err)
+
+
+def _fail(err: BaseException) -> None:
+    if os.environ.get("CKPTKIT_TRACEBACK"):
+        raise err
+    click.echo(f"error: unexpected {type(err).__name__}: {_one_line(err) or '(no message)'}; this is a bug in "
+               "ckptkit: please report it (CKPTKIT_TRACEBACK=1 prints the traceback)", err=True)  # fmt: skip
+    sys.exit(1)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

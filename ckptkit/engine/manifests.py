@@ -10,10 +10,18 @@ import os
 from typing import Any
 
 from ckptkit.errors import CheckpointNotFoundError, InvalidArgumentError, ManifestError
-from ckptkit.schema import Manifest, parse_manifest
+from ckptkit.schema import Manifest, parse_manifest, resolve_aliases
 from ckptkit.storage import Repository
 
-__all__ = ["RepoLike", "latest_manifest", "list_manifests", "open_repository", "read_manifest", "scan"]
+__all__ = [
+    "RepoLike",
+    "latest_manifest",
+    "list_manifests",
+    "open_repository",
+    "read_manifest",
+    "reference_problems",
+    "scan",
+]
 
 log = logging.getLogger("ckptkit")
 
@@ -34,13 +42,42 @@ def open_repository(repo: RepoLike, storage_options: dict[str, Any] | None = Non
 
 
 def read_manifest(r: Repository, name: str) -> Manifest:
-    """The validated manifest of checkpoint ``name``."""
-    return parse_manifest(r.read_manifest(name), f"{r.url}/checkpoints/{name}.json")
+    """The validated manifest of checkpoint ``name``.
+
+    Raises:
+        CheckpointNotFoundError: no such checkpoint.
+        ManifestError: it does not parse or validate, its id does not match its bytes, or its ``name`` is not the
+            name it is stored under (a manifest copied or renamed by hand would restore as another checkpoint).
+    """
+    where = f"{r.url}/checkpoints/{name}.json"
+    manifest = parse_manifest(r.read_manifest(name), where)
+    if manifest.name != name:
+        raise ManifestError(where, f"it names itself {manifest.name!r}, but it is stored as {name!r}: a manifest was "
+                                   "copied or renamed outside ckptkit; restore it under its own name (copy it back "
+                                   f"to checkpoints/{manifest.name}.json) or delete it")  # fmt: skip
+    return manifest
+
+
+def reference_problems(manifest: Manifest) -> list[str]:
+    """What in ``manifest`` points nowhere, without reading any object: tensors in objects its ``objects`` list
+    does not hold, and aliases that loop or name no stored tensor. Empty when every reference resolves."""
+    problems: list[str] = []
+    for cname, comp in manifest.components.items():
+        unlisted = sorted({ref.object for ref in comp.tensors.values() if ref.object not in manifest.objects})
+        for h in unlisted:
+            keys = [k for k, ref in comp.tensors.items() if ref.object == h]
+            problems.append(f"component {cname!r}: tensor(s) {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} "
+                            f"are in object {h}, which the manifest's `objects` does not list")  # fmt: skip
+        try:
+            resolve_aliases(comp.tensors, comp.aliases, f"component {cname!r}")
+        except ManifestError as err:
+            problems.append(f"{err.where}: {err.problem}")
+    return problems
 
 
 def scan(r: Repository) -> tuple[list[Manifest], list[tuple[str, str]]]:
     """Every committed checkpoint that parses, oldest first (by creation time, then step), and the
-    ``(name, reason)`` of those that do not."""
+    ``(name, reason)`` of those that do not: one unreadable manifest never hides the others."""
     out = []
     failed: list[tuple[str, str]] = []
     for n in r.list():
@@ -48,7 +85,7 @@ def scan(r: Repository) -> tuple[list[Manifest], list[tuple[str, str]]]:
             out.append(read_manifest(r, n))
         except CheckpointNotFoundError:
             continue  # deleted while we listed
-        except ManifestError as err:
+        except ManifestError as err:  # unparseable, invalid (a naive created_at ...), tampered or misnamed
             log.warning("skipping checkpoint %s: %s", n, err)
             failed.append((n, str(err)))
     out.sort(key=lambda m: (m.created_at, m.progress.global_step, m.name))

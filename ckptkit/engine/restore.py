@@ -1,11 +1,11 @@
 """Restore a checkpoint into live objects: pick the checkpoint (falling back past damaged ones), read and
-verify every tensor before loading anything, load in dependency order, RNG last, and report fidelity.
-Internal engine."""
+verify every tensor, decode and check every component against its live object, and only then load, in dependency
+order, RNG last; report fidelity. Internal engine."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from ckptkit.format import decode
 from ckptkit.schema import Manifest, Progress
 from ckptkit.state import RNG, LoadReport, Saved, Stateful, check_targets, is_data_loader, kind_of
 from ckptkit.state.capture import determinism_flags, param_names
-from ckptkit.state.restore import restore_model, restore_optimizer, restore_rng, restore_stateful
+from ckptkit.state.restore import prepare_model, prepare_optimizer, prepare_rng, prepare_stateful
 from ckptkit.storage import Repository
 
 __all__ = ["Fidelity", "RestoreResult", "restore_state"]
@@ -95,14 +95,15 @@ def restore_state(
     for i, manifest in enumerate(candidates):
         wanted = _check_components(manifest, state, strict, rng)
         try:
-            tensors = load_tensors(r, manifest, wanted)  # reads and verifies everything before loading anything
+            tensors = load_tensors(r, manifest, wanted)  # reads and verifies every object before loading anything
+            plan = _prepare(manifest, state, tensors, wanted, strict, rng)  # decodes and checks every component
         except (CorruptObjectError, IncompleteCheckpointError, ManifestError) as err:
             if name is not None or i == len(candidates) - 1:
                 raise
             log.warning("restore: skipping %s: %s", manifest.name, err)
             skipped.append((manifest.name, str(err)))
             continue
-        result = _restore_into(manifest, state, tensors, wanted, strict, rng)
+        result = plan()
         result.skipped = skipped
         if skipped:
             log.warning("restore: fell back to %s; skipped %s", manifest.name, ", ".join(n for n, _ in skipped))
@@ -126,14 +127,16 @@ def _check_components(manifest: Manifest, state: Mapping[str, object], strict: b
     return [n for n in saved_comps if n in state or saved_comps[n].kind == "value" or (rng and n == RNG)]
 
 
-def _restore_into(
+def _prepare(
     manifest: Manifest,
     state: Mapping[str, object],
     tensors: dict[str, dict[str, torch.Tensor]],
     wanted: list[str],
     strict: bool,
     rng: bool,
-) -> RestoreResult:
+) -> Callable[[], RestoreResult]:
+    """Decode and check every component against its live object; return the loads, which change nothing until
+    called. A ManifestError names the checkpoint, the component and the field."""
     saved_comps = manifest.components
 
     def saved(n: str) -> Saved:
@@ -143,17 +146,25 @@ def _restore_into(
     result = RestoreResult(manifest)
     issues = result.fidelity.issues
     names = param_names(state)
-    for n in sorted((n for n in state if n in saved_comps), key=lambda n: _ORDER[saved_comps[n].kind]):
-        obj = state[n]
-        if isinstance(obj, torch.nn.Module):
-            result.reports[n] = restore_model(n, obj, saved(n), strict)
-        elif isinstance(obj, torch.optim.Optimizer):
-            result.reports[n] = restore_optimizer(n, obj, saved(n), names, strict)
-        elif isinstance(obj, Stateful):
-            restore_stateful(n, obj, saved(n))
-    for n in wanted:
-        if saved_comps[n].kind == "value":
-            result.values[n] = decode(saved_comps[n].state, tensors[n], n)
+    loads: list[Callable[[], object]] = []
+    try:
+        for n in sorted((n for n in state if n in saved_comps), key=lambda n: _ORDER[saved_comps[n].kind]):
+            obj = state[n]
+            if isinstance(obj, torch.nn.Module):
+                result.reports[n], load = prepare_model(n, obj, saved(n), strict)
+            elif isinstance(obj, torch.optim.Optimizer):
+                result.reports[n], load = prepare_optimizer(n, obj, saved(n), names, strict)
+            elif isinstance(obj, Stateful):
+                load = prepare_stateful(n, obj, saved(n))
+            else:
+                continue
+            loads.append(load)
+        for n in wanted:
+            if saved_comps[n].kind == "value":
+                result.values[n] = decode(saved_comps[n].state, tensors[n], f"component {n!r}")
+        restore_rng = prepare_rng(saved(RNG)) if rng and RNG in saved_comps else None
+    except ManifestError as err:
+        raise ManifestError(f"of checkpoint {manifest.name!r}, {err.where}", err.problem) from err
     for n in state:
         if n not in saved_comps:
             result.reports[n] = LoadReport(n, missing=["(whole component)"])
@@ -164,17 +175,24 @@ def _restore_into(
     for n, c in saved_comps.items():
         if n not in state and c.kind in ("model", "optimizer", "scheduler", "grad_scaler", "stateful"):
             issues.append(f"the checkpoint's {c.kind} {n!r} was not restored (not passed in)")
-    if rng and RNG in saved_comps:
-        issues.extend(restore_rng(saved(RNG)))
-        issues.extend(_determinism_issues(saved_comps[RNG].meta))
-    elif rng:
-        issues.append("checkpoint holds no RNG state: random streams (dropout, augmentation) start anew")
-    else:
-        issues.append("RNG not restored (rng=False)")
-    if not any(is_data_loader(obj) for obj in state.values()):
-        issues.append("no data-loader state captured: the resumed run does not know which batches it already saw "
-                      "(use ckptkit.training.loader.ResumableLoader, LoaderPosition or torchdata's StatefulDataLoader)")
-    return result
+
+    def apply() -> RestoreResult:
+        for load in loads:
+            load()
+        if restore_rng is not None:  # last: nothing a load_state_dict draws shifts the restored streams
+            issues.extend(restore_rng())
+            issues.extend(_determinism_issues(saved_comps[RNG].meta))
+        elif rng:
+            issues.append("checkpoint holds no RNG state: random streams (dropout, augmentation) start anew")
+        else:
+            issues.append("RNG not restored (rng=False)")
+        if not any(is_data_loader(obj) for obj in state.values()):
+            issues.append("no data-loader state captured: the resumed run does not know which batches it already "
+                          "saw (use ckptkit.training.loader.ResumableLoader, LoaderPosition or torchdata's "
+                          "StatefulDataLoader)")  # fmt: skip
+        return result
+
+    return apply
 
 
 def _determinism_issues(saved: Mapping[str, Any]) -> list[str]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ckptkit.engine.manifests import read_manifest
-from ckptkit.engine.tensors import check_object
+from ckptkit.engine.manifests import read_manifest, reference_problems
+from ckptkit.engine.tensors import object_contents, placement_problem
 from ckptkit.errors import CheckpointNotFoundError, ManifestError
 from ckptkit.hashing import check_name
 from ckptkit.storage import Repository
@@ -28,13 +28,17 @@ class VerifyReport:
 
 
 def verify_repository(r: Repository, name: str | None = None) -> list[VerifyReport]:
-    """Check checkpoint ``name`` (every checkpoint when ``None``) end to end: the manifest parses and matches
-    its id, every object exists and hashes to its name, every tensor is where the manifest says."""
+    """Check checkpoint ``name`` (every checkpoint when ``None``) end to end, everything a restore relies on: the
+    manifest parses, matches its id and is stored under its own name; every tensor sits in an object the manifest
+    lists; every alias resolves; every object exists, hashes to its name and holds each tensor placed in it
+    under its key with the declared dtype and shape."""
     names = [name] if name is not None else r.list()
     if name is not None:
         check_name(name)
     reports = []
-    checked: dict[str, str | None] = {}  # object hash -> problem (None when fine), shared across checkpoints
+    # (hash, size) -> what the object holds, or why it cannot be read: each object is read once, and checked
+    # against each manifest's own tensor entries
+    read: dict[tuple[str, int], dict[str, tuple[str, list[int]]] | str] = {}
     for n in names:
         rep = VerifyReport(n)
         reports.append(rep)
@@ -43,11 +47,14 @@ def verify_repository(r: Repository, name: str | None = None) -> list[VerifyRepo
         except (ManifestError, CheckpointNotFoundError) as err:
             rep.problems.append(str(err))
             continue
+        rep.problems.extend(reference_problems(manifest))
         for h, info in manifest.objects.items():
             rep.objects += 1
             rep.bytes += info.size
-            if h not in checked:
-                checked[h] = check_object(r, manifest, h, info.size)
-            if checked[h]:
-                rep.problems.append(str(checked[h]))
+            if (h, info.size) not in read:
+                read[(h, info.size)] = object_contents(r, h, info.size)
+            contents = read[(h, info.size)]
+            problem = contents if isinstance(contents, str) else placement_problem(r, manifest, h, contents)
+            if problem:
+                rep.problems.append(problem)
     return reports

@@ -46,18 +46,18 @@ def copy(
     for n in names if names is not None else rs.list():
         raw = rs.read_manifest(n)
         heads.append((n, raw, parse_manifest(raw, f"{rs.url}/checkpoints/{n}.json")))
-    todo: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for _, _, m in heads:
         for h, info in m.objects.items():
-            if h not in todo:
-                if rd.has_object(h):
-                    report.objects_present += 1
-                    todo[h] = -1
-                else:
-                    todo[h] = info.size
-    total = sum(s for s in todo.values() if s >= 0)
-    done = 0
-    with rd.pending([h for h, s in todo.items() if s >= 0]):
+            sizes.setdefault(h, info.size)
+    # Every object the copied manifests reference is announced before the destination is checked, as a save
+    # does (docs/format.md, concurrency contract): a gc there in between keeps the ones already present.
+    with rd.pending(sizes):
+        missing = set(rd.missing_objects(sizes))
+        todo = {h: (size if h in missing else -1) for h, size in sizes.items()}
+        report.objects_present = sum(1 for s in todo.values() if s < 0)
+        total = sum(s for s in todo.values() if s >= 0)
+        done = 0
         for h, size in todo.items():
             if size < 0:
                 continue

@@ -10,6 +10,7 @@ import torch
 
 from ckptkit.engine.manifests import latest_manifest, open_repository
 from ckptkit.engine.tensors import load_tensors
+from ckptkit.errors import InvalidArgumentError
 
 __all__ = ["Diff", "TensorChange", "diff"]
 
@@ -59,6 +60,11 @@ def diff(
     comp = component or (models[0] if models else None)
     if comp is None:
         return out
+    for m in (ma, mb):
+        if comp not in m.components or m.components[comp].kind != "model":
+            have = [n for n, c in m.components.items() if c.kind == "model"]
+            raise InvalidArgumentError(f"checkpoint {m.name} has no model component {comp!r} (it has {have}): "
+                                       "pass one of those as component= (--component)")  # fmt: skip
     ca, cb = ma.components[comp], mb.components[comp]
     keys_a, keys_b = set(ca.tensors) | set(ca.aliases), set(cb.tensors) | set(cb.aliases)
     need_a = [k for k in ca.tensors if k in cb.tensors and ca.tensors[k] != cb.tensors[k]]

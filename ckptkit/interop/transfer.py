@@ -104,14 +104,14 @@ class TransferPlan:
 
 def _compile(pattern: str) -> re.Pattern[str]:
     parts = pattern.split("{}")
-    return re.compile("^" + "(.+?)".join(re.escape(p) for p in parts) + "$")
+    return re.compile("(.+?)".join(re.escape(p) for p in parts))
 
 
 def map_key(key: str, key_map: Mapping[str, str]) -> str | None:
     """The source key for target ``key`` under a declarative map (``{"text.{}": "bert.{}"}``; ``{}``
     captures any text, filled into the source pattern in order). None when no pattern matches."""
     for target_pat, source_pat in key_map.items():
-        m = _compile(target_pat).match(key)
+        m = _compile(target_pat).fullmatch(key)
         if m:
             if source_pat.count("{}") != len(m.groups()):
                 raise InvalidArgumentError(f"key_map {target_pat!r} -> {source_pat!r}: both sides need the same number "

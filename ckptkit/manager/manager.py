@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import concurrent.futures
+import contextlib
 import logging
 import re
 import string
@@ -42,6 +43,7 @@ from ckptkit.errors import (
     InvalidArgumentError,
     ManagerClosedError,
     ManifestError,
+    RepositoryBusyError,
 )
 from ckptkit.format import DEFAULT_OBJECT_SIZE
 from ckptkit.hashing import check_name, file_hash
@@ -51,7 +53,7 @@ from ckptkit.manager.lineage import RunLineage, jsonable
 from ckptkit.manager.retention import Retention
 from ckptkit.manager.snapshot import Snapshotter
 from ckptkit.manager.writer import Writer, track
-from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, dump_manifest, parse_manifest
+from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, parse_manifest
 from ckptkit.state import LoadReport, capture, check_targets, is_data_loader
 from ckptkit.state.files import load_model_tensors, read_tensor_file, read_torch_file
 from ckptkit.training.schedule import Policy
@@ -421,13 +423,14 @@ class CheckpointManager:
         for m in mine:
             if m.name not in keep and m.id not in needed:
                 try:
-                    self.repo.archive(m.id, dump_manifest(m))  # the history stays readable; objects are freed
-                    self.repo.delete(m.name)
+                    self.repo.retire(m.name, m.id)  # moved to lineage/ (no new data: works on a full disk)
                     deleted.append(m.name)
                 except CheckpointNotFoundError:
                     continue  # already gone (another process pruned it)
         if deleted and self.gc:
-            collect_garbage(self.repo)
+            # Another process's gc running is no failure of this save: it, or the next gc, collects this garbage.
+            with contextlib.suppress(RepositoryBusyError):
+                collect_garbage(self.repo)
         return deleted
 
     def _needed_by_other_runs(self, found: builtins.list[Manifest]) -> set[str]:

@@ -10,7 +10,7 @@ import torch
 from ckptkit.errors import SourceFormatError, SourceNotFoundError, UnsupportedStateError
 from ckptkit.state.restore import LoadReport, Saved, restore_model
 
-__all__ = ["load_model_tensors", "read_tensor_file", "read_torch_file"]
+__all__ = ["load_model_tensors", "read_safetensors", "read_tensor_file", "read_torch_file"]
 
 
 def read_torch_file(path: str) -> Any:
@@ -20,20 +20,31 @@ def read_torch_file(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or others for what it refuses
+        why = (str(err).splitlines() or [type(err).__name__])[0]
         raise UnsupportedStateError(
-            path, "a pickled object", f"torch.load(weights_only=True) refused it ({str(err).splitlines()[0]}); "
+            path, "a pickled object", f"torch.load(weights_only=True) refused it ({why}); "
             "only tensors and plain containers are read: re-save it as a state_dict of tensors or as safetensors",
         ) from err
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file; a damaged one is a :class:`SourceFormatError` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise SourceNotFoundError(path, "file")
+    try:
+        return dict(load_file(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SourceFormatError(f"{path} is not a readable safetensors file ({err}); copy it again from its "
+                                "source, or re-save it with safetensors.torch.save_file") from err
 
 
 def read_tensor_file(path: str) -> dict[str, torch.Tensor]:
     """A flat name -> tensor mapping from a ``.safetensors`` file or a torch file of tensors."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        if not os.path.isfile(path):
-            raise SourceNotFoundError(path, "file")
-        return dict(load_file(path))
+        return read_safetensors(path)
     data = read_torch_file(path)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):

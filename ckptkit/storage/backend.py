@@ -15,6 +15,13 @@ What every backend guarantees:
   without conditional writes, an existence check before a plain PUT); an existence check before the write on
   any other fsspec filesystem, which leaves a short window in which two writers can both succeed.
 * Listings and existence checks are never served from a cache: other processes change the store.
+* Reads treat what is stored as untrusted: :meth:`Backend.get` reads whole objects only (on local disk regular
+  files only, never a FIFO, a device or a directory) and, given ``max_size``, refuses a larger object before
+  reading any of it (:class:`~ckptkit.errors.CorruptObjectError`).
+* Failures of the store itself (a refused or cut connection, a truncated response, an unreadable file) raise
+  :class:`~ckptkit.errors.StorageError` (an ``OSError``) naming the repository, the action and the key, with the
+  library's own error chained; a missing key is a ``FileNotFoundError``. On S3 every request has a deadline
+  (``timeout``), past which it raises :class:`~ckptkit.errors.StorageTimeoutError` (a ``TimeoutError`` too).
 
 Three backends implement it: :class:`~ckptkit.storage.local.LocalBackend`,
 :class:`~ckptkit.storage.s3.S3Backend` and :class:`~ckptkit.storage.fsspec_backend.FsspecBackend` (any other
@@ -33,6 +40,8 @@ from ckptkit.errors import InvalidArgumentError, MissingDependencyError
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
     "DEFAULT_PART_SIZE",
+    "DEFAULT_TIMEOUT",
+    "MAX_MANIFEST_SIZE",
     "MIB",
     "Backend",
     "Entry",
@@ -45,6 +54,11 @@ DEFAULT_PART_SIZE = 8 * MIB
 """S3: objects larger than this are uploaded in parts of this size (S3 allows 5 MiB to 5 GiB per part)."""
 DEFAULT_MAX_CONCURRENCY = 8
 """S3: requests in flight at once (memory held: about ``part_size * max_concurrency``)."""
+DEFAULT_TIMEOUT = 60.0
+"""S3: seconds one request may take, retries included, plus a second per MiB it carries (docs/cloud-storage.md)."""
+MAX_MANIFEST_SIZE = 64 * MIB
+"""Bytes: the most a manifest (or another small file of the repository's own) may hold; a larger one is refused
+unread (real manifests are kilobytes to a few megabytes)."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +99,11 @@ class Backend(Protocol):
         docstring for how atomic this is on each store)."""
         ...
 
-    def get(self, key: str) -> tuple[memoryview, str]:
+    def get(self, key: str, max_size: int | None = None) -> tuple[memoryview, str]:
         """The whole object as a writable buffer, and the blake3 hex digest of its bytes (computed while
-        reading where the backend can). Raises ``FileNotFoundError`` when there is no such key."""
+        reading where the backend can). Raises ``FileNotFoundError`` when there is no such key, and
+        :class:`~ckptkit.errors.CorruptObjectError` without reading it when what the key holds is not an object
+        (a directory, a FIFO, a device) or is larger than ``max_size`` bytes."""
         ...
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -124,10 +140,11 @@ def open_backend(
     *,
     part_size: int | None = None,
     max_concurrency: int | None = None,
+    timeout: float | None = None,
 ) -> Backend:
     """The backend for ``url``: local disk, S3, or any other fsspec filesystem.
 
-    ``part_size`` and ``max_concurrency`` are options of the S3 backend
+    ``part_size``, ``max_concurrency`` and ``timeout`` are options of the S3 backend
     (:class:`~ckptkit.storage.s3.S3Backend`); ``None`` takes its defaults.
 
     Raises:
@@ -154,6 +171,9 @@ def open_backend(
         cache = getattr(fs, "dircache", None)
         if not isinstance(fs, LocalFileSystem) and getattr(cache, "use_listings_cache", False):
             fs, root = fsspec.core.url_to_fs(url, **options, use_listings_cache=False)
+    except ValueError as err:  # fsspec: an unknown protocol, or options its filesystem does not take
+        raise InvalidArgumentError(f"cannot open {url}: {err}; check the URL's protocol (s3://, gs://, memory://, "
+                                   "a local path) and the storage options") from err
     except ImportError as err:
         proto = url.split("://", 1)[0]
         raise MissingDependencyError(
@@ -169,10 +189,11 @@ def open_backend(
             root,
             part_size=DEFAULT_PART_SIZE if part_size is None else part_size,
             max_concurrency=DEFAULT_MAX_CONCURRENCY if max_concurrency is None else max_concurrency,
+            timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
         )
-    if part_size is not None or max_concurrency is not None:
+    if part_size is not None or max_concurrency is not None or timeout is not None:
         raise InvalidArgumentError(
-            f"part_size and max_concurrency apply to S3 repositories (s3://...); {url} is on "
+            f"part_size, max_concurrency and timeout apply to S3 repositories (s3://...); {url} is on "
             f"{type(fs).__name__}, which would ignore them"
         )
     if isinstance(fs, LocalFileSystem):

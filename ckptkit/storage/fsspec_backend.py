@@ -16,6 +16,7 @@ import posixpath
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ckptkit.errors import CorruptObjectError
 from ckptkit.hashing import hash_bytes
 from ckptkit.storage.backend import Entry
 
@@ -62,8 +63,18 @@ class FsspecBackend:
         self.fs.pipe_file(path, data)
         return True
 
-    def get(self, key: str) -> tuple[memoryview, str]:
-        buf = memoryview(bytearray(self.fs.cat_file(self.path(key))))
+    def get(self, key: str, max_size: int | None = None) -> tuple[memoryview, str]:
+        """The object's bytes; with ``max_size``, at most one byte more is fetched (one ranged read), and an
+        object that has more is refused."""
+        path = self.path(key)
+        if max_size is None:
+            data = self.fs.cat_file(path)
+        else:
+            data = self.fs.cat_file(path, start=0, end=max_size + 1)
+            if len(data) > max_size:
+                raise CorruptObjectError(path, f"at most {max_size} bytes", f"more than {max_size} bytes",
+                                         "larger than expected; not read in full")  # fmt: skip
+        buf = memoryview(bytearray(data))
         return buf, hash_bytes(buf)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:

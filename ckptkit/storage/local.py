@@ -6,23 +6,37 @@ fails if the name exists, so a committed checkpoint or a held gc lock is never r
 is fsync'd so that the new name survives a power loss. A crash at any moment leaves complete objects and
 temporary files (removed by gc once stale), never a partial object. When several objects are written at once,
 their fsyncs run on a background thread while the next is written, and all are on disk before any gets its name.
+A write that finds the disk full or over quota (``ENOSPC``/``EDQUOT`` from a write, an fsync, a close or a
+rename) removes its temporary files and raises :class:`~ckptkit.errors.StorageFullError` naming the file. What
+needs no data blocks works on a full disk: :meth:`LocalBackend.move` (a rename), :meth:`LocalBackend.touch` and
+:meth:`LocalBackend.create_empty` (the gc lock's fallback there).
 
 Read: into a private anonymous memory mapping, hashing each chunk right after it is read (one pass over memory;
 the kernel supplies the mapping's pages as they are first written, where a ``bytearray`` would be zero-filled
-first), with transparent huge pages for large objects.
+first), with transparent huge pages for large objects. What a repository holds is untrusted, so a read opens
+regular files only (non-blocking, checked with ``fstat`` on the open descriptor): a FIFO, a device, a socket or a
+directory under an object's or a manifest's name is refused with
+:class:`~ckptkit.errors.CorruptObjectError` without reading, and so is a file larger than the caller's
+``max_size`` (the size the manifest declares for an object, a fixed cap for a manifest). Symbolic links are
+followed and judged by what they resolve to: a link to a regular file is read (and hash-verified like any
+object), a link to a FIFO or a device is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import mmap
 import os
 import queue
+import stat
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 
+from ckptkit.errors import CorruptObjectError, StorageError, StorageFullError
 from ckptkit.hashing import hasher
 from ckptkit.storage.fsspec_backend import FsspecBackend
 
@@ -34,6 +48,10 @@ HUGE_PAGES_FROM = 4 << 20
 """Bytes: reads at least this large ask the kernel for transparent huge pages (fewer page faults)."""
 TEMP_PREFIX = ".tmp-"
 """File names of writes in progress (or of writes that crashed) start with this."""
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows
+_FULL = StorageFullError.ERRNOS
 
 
 class LocalBackend(FsspecBackend):
@@ -45,10 +63,11 @@ class LocalBackend(FsspecBackend):
     def put(self, objects: Iterable[tuple[str, Iterable[memoryview]]]) -> int:
         written = 0
         staged: list[tuple[str, str]] = []
+        current = self.root  # the file being written, for the error of a full disk
         syncer = _Fsyncer()  # a plain thread: concurrent.futures refuses new work at interpreter exit
         try:
             for key, chunks in objects:
-                path = self.path(key)
+                path = current = self.path(key)
                 tmp, fd = _create_temp(os.path.dirname(path))
                 staged.append((tmp, path))
                 try:
@@ -56,15 +75,17 @@ class LocalBackend(FsspecBackend):
                 except BaseException:
                     os.close(fd)
                     raise
-                syncer.put(fd)
+                syncer.put(fd, path)
             syncer.finish()  # every object is on disk before any gets its final name
             for tmp, path in staged:
+                current = path
                 os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             syncer.finish(raise_errors=False)
             for tmp, _ in staged:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+            _raise_if_full(self.root, syncer.failed or current, err)
             raise
         for d in sorted({os.path.dirname(p) for _, p in staged}):
             _fsync_dir(d)
@@ -73,8 +94,9 @@ class LocalBackend(FsspecBackend):
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self.path(key)
         directory = os.path.dirname(path)
-        tmp, fd = _create_temp(directory)
+        tmp = ""
         try:
+            tmp, fd = _create_temp(directory)
             try:
                 _write_all(fd, [memoryview(data)])
                 os.fsync(fd)
@@ -83,20 +105,79 @@ class LocalBackend(FsspecBackend):
             os.link(tmp, path)  # fails if `path` exists: atomic, and it never replaces what is there
         except FileExistsError:
             return False
+        except OSError as err:
+            _raise_if_full(self.root, path, err)
+            raise
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         _fsync_dir(directory)
         return True
 
-    def get(self, key: str) -> tuple[memoryview, str]:
-        with open(self.path(key), "rb", buffering=0) as f:
-            n = os.fstat(f.fileno()).st_size
+    def create_empty(self, key: str) -> bool:
+        """Create an empty file under ``key`` if nothing has that name; False when something has.
+
+        An empty file is an inode and a name, no data blocks, so it can be made on a disk with no space left
+        (``put_if_absent`` writes a temporary file first, which needs a block): the gc lock's fallback there.
+        """
+        path = self.path(key)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644))
+        except FileExistsError:
+            return False
+        except OSError as err:
+            _raise_if_full(self.root, path, err)
+            raise
+        _fsync_dir(os.path.dirname(path))
+        return True
+
+    def touch(self, key: str) -> None:
+        """Set ``key``'s modification time to now, writing no data (it works on a full disk). Raises
+        ``FileNotFoundError`` when there is no such key."""
+        os.utime(self.path(key))
+
+    def identity(self, key: str) -> tuple[int, int, int]:
+        """(device, inode, size) of the file under ``key``: which file holds the name now. Raises
+        ``FileNotFoundError`` when there is no such key."""
+        st = os.stat(self.path(key))
+        return st.st_dev, st.st_ino, st.st_size
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst`` (replacing what ``dst`` held), atomically. No data is written, so it works on
+        a full disk, except where ``dst``'s folder must be created or must grow (then a
+        :class:`~ckptkit.errors.StorageFullError`, and nothing moved). Raises ``FileNotFoundError`` when there is
+        no ``src``."""
+        s, d = self.path(src), self.path(dst)
+        try:
+            if not os.path.isdir(os.path.dirname(d)):
+                os.stat(s)  # a missing source is FileNotFoundError before any folder is made
+                os.makedirs(os.path.dirname(d), exist_ok=True)
+            os.rename(s, d)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            _raise_if_full(self.root, d, err)
+            raise
+        for folder in sorted({os.path.dirname(s), os.path.dirname(d)}):
+            _fsync_dir(folder)
+
+    def ensure_folder(self, prefix: str) -> None:
+        """Create the folder ``prefix`` now if it is missing (so that a later :meth:`move` into it needs no new
+        directory on a disk that has filled up meanwhile). Best effort: a failure is left to the later write."""
+        with contextlib.suppress(OSError):
+            os.makedirs(self.path(prefix), exist_ok=True)
+
+    def get(self, key: str, max_size: int | None = None) -> tuple[memoryview, str]:
+        """Read a regular file whole, hashing while reading (see the module docstring for what is refused)."""
+        fd, n = _open_regular(self.root, key, self.path(key), max_size)
+        with open(fd, "rb", buffering=0) as f:  # closes fd
             view = memoryview(_anonymous(n) if n else bytearray()).cast("B")
             h = hasher(n)
             got = 0
-            while got < n:
-                k = f.readinto(view[got : got + READ_CHUNK])
+            while got < n:  # never more than the size checked above, even if the file grows meanwhile
+                k = _read_into(self.root, key, f, view[got : got + READ_CHUNK])
                 if not k:
                     break  # the file shrank while we read: the caller's size check reports it
                 h.update(view[got : got + k])
@@ -104,8 +185,11 @@ class LocalBackend(FsspecBackend):
         return view[:got], str(h.hexdigest())
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
-        with open(self.path(key), "rb", buffering=0) as f:
-            return os.pread(f.fileno(), length, offset)
+        fd, _ = _open_regular(self.root, key, self.path(key), None)
+        try:
+            return _read_at(self.root, key, fd, length, offset)
+        finally:
+            os.close(fd)
 
     def remove_stale_temporaries(self, prefixes: Sequence[str], older_than: float, dry_run: bool) -> int:
         """Remove the temporary files of writes that crashed (see the module docstring), wherever under
@@ -127,6 +211,74 @@ class LocalBackend(FsspecBackend):
                     except FileNotFoundError:
                         continue  # removed meanwhile (by another gc, or the write finished)
         return found
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _open_regular(root: str, key: str, path: str, max_size: int | None) -> tuple[int, int]:
+    """Open ``path`` for reading if it is a regular file of at most ``max_size`` bytes: (descriptor, size).
+
+    What a repository holds is untrusted. Only regular files are read: a FIFO would block the reader forever, a
+    device (``/dev/zero``) never ends, a directory is not an object. A symbolic link is followed and judged by
+    what it resolves to (repositories managed by git-annex or DVC are trees of links into a cache); a link to a
+    FIFO or a device is refused like the thing itself. The type is checked before opening (so no device is ever
+    opened) and again on the open descriptor (the name may have been replaced in between); the open is
+    non-blocking, so that a FIFO swapped in between cannot block it either. A file larger than ``max_size`` is
+    refused before any of it is read.
+    """
+    def refuse(found: str, detail: str) -> CorruptObjectError:
+        return CorruptObjectError(path, "a regular file" if max_size is None else f"a regular file of at most "
+                                  f"{max_size} bytes", found, detail)  # fmt: skip
+
+    fd = -1
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):
+            fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY)
+    except FileNotFoundError:
+        raise
+    except NotADirectoryError as err:  # a file where a folder of the path should be
+        raise refuse("a path through a file that is not a directory", "not read") from err
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise refuse("a loop of symbolic links", "not read") from err
+        raise _storage_error(root, key, err) from err
+    if fd < 0:
+        raise refuse(_file_kind(mode), "not a regular file; not read")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(_file_kind(st.st_mode), "not a regular file; not read")
+        if max_size is not None and st.st_size > max_size:
+            raise CorruptObjectError(path, f"{max_size} bytes", f"{st.st_size} bytes",
+                                     "size differs: larger than expected; not read")  # fmt: skip
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _read_into(root: str, key: str, f: io.RawIOBase, view: memoryview) -> int:
+    try:
+        return f.readinto(view) or 0
+    except OSError as err:  # EIO from the disk, or the like
+        raise _storage_error(root, key, err) from err
+
+
+def _read_at(root: str, key: str, fd: int, length: int, offset: int) -> bytes:
+    try:
+        return os.pread(fd, length, offset)
+    except OSError as err:
+        raise _storage_error(root, key, err) from err
+
+
+def _storage_error(root: str, key: str, err: OSError) -> StorageError:
+    return StorageError(root, "reading", key, f"{type(err).__name__}: {err}",
+                        "check the file's permissions and the disk")  # fmt: skip
 
 
 def _anonymous(n: int) -> mmap.mmap:
@@ -167,23 +319,28 @@ class _Fsyncer:
     """fsyncs and closes file descriptors on a background thread, in order, while the caller writes the next."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, str] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
+        self.failed: str | None = None
+        """The path whose fsync (or close) failed first."""
         self._thread = threading.Thread(target=self._run, name="ckptkit-fsync", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (fd := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            fd, path = item
             try:
-                if self._error is None:
-                    os.fsync(fd)
+                try:
+                    if self._error is None:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)  # can fail too (ENOSPC on a network filesystem)
             except BaseException as err:
-                self._error = err
-            finally:
-                os.close(fd)
+                if self._error is None:
+                    self._error, self.failed = err, path
 
-    def put(self, fd: int) -> None:
-        self._queue.put(fd)
+    def put(self, fd: int, path: str) -> None:
+        self._queue.put((fd, path))
 
     def finish(self, raise_errors: bool = True) -> None:
         self._queue.put(None)
@@ -191,6 +348,14 @@ class _Fsyncer:
         err = self._error
         if raise_errors and err is not None:
             raise err  # the fsync's own error, raised on the caller's thread
+
+
+def _raise_if_full(root: str, path: str, err: BaseException) -> None:
+    """Raise :class:`~ckptkit.errors.StorageFullError` (from ``err``) when ``err`` says the disk is full or
+    over quota; a write that fails so has already removed what it started."""
+    code = getattr(err, "errno", None)
+    if isinstance(err, OSError) and not isinstance(err, StorageFullError) and code in _FULL:
+        raise StorageFullError(root, path, code) from err
 
 
 def _fsync_dir(path: str) -> None:

@@ -22,21 +22,40 @@ go up as a multipart upload, which becomes visible only when it completes, and i
 fails), so an object under its final name is never partial. Directory listings are never served from fsspec's
 listing cache: other processes (a concurrent save, gc) change the repository behind this one's back.
 
-gc and concurrent saves: a save first records the hashes it will reference in ``pending/``, then waits while
-``gc.lock`` exists, then checks which objects exist. gc takes the lock before it reads ``pending/``. So either
-gc sees the save's pending record and keeps its objects, or the save sees the lock and only checks for
-existing objects after gc has finished deleting. The lock is created with ``put_if_absent`` (two gcs that both
-saw no lock: one wins), refreshed every minute while gc runs, and taken to be stale when its holder is a dead
-process on this host or it was not refreshed for :data:`LOCK_STALE_AFTER` seconds.
+gc and concurrent saves: a save first records the hashes it will reference in ``pending/``, then waits while a
+gc holds a live ``gc.lock``, then checks which objects exist, writes the missing ones, commits its manifest and
+removes its record. gc takes the lock, then reads the pending records, and only then lists the manifests and the
+objects. Every save is seen by one of the two reads: its record exists from before its objects are checked until
+after its manifest is committed, so a record that gc's read misses was either written after it (and the save
+then finds the lock and checks for objects only after gc has finished deleting) or removed before it (and the
+manifest, committed before that, is in gc's listing, made after). (Listing the manifests first, as before, lost
+a save that committed and removed its record between the two reads.)
+
+The lock is a lease, not a process id (a pid means nothing across hosts or PID namespaces): it records its
+holder's token and lease, and is stale once it has not been renewed for its lease (at most
+:data:`LOCK_STALE_AFTER` seconds), judged by the time the store gives its last write (a lock whose content is
+unreadable, ``[]``, ``null``, a number, is judged so with the default lease). A running gc renews it from a
+background thread every sixth of the lease (on local disk by touching the file, which writes no data) and stops
+deleting if it could not renew for half the lease; saves wait while it is live, a second gc is refused; a stale
+lock is ignored by saves and taken over by the next gc. It is created with ``put_if_absent`` (two gcs that both
+saw no lock: one wins). On a full local disk, where its record cannot be written, gc takes the lock as an empty
+file (an inode, no data blocks) judged by the default lease, so gc can free space there (docs/format.md,
+"Concurrency contract").
+
+Full disk: a write that finds no room (``ENOSPC``, ``EDQUOT``) raises :class:`~ckptkit.errors.StorageFullError`
+naming the file and the repository, having removed what it started; :meth:`Repository.retire` moves a manifest
+into ``lineage/`` (a rename on local disk, which needs no data blocks), so pruning works on a full disk too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import posixpath
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -48,23 +67,38 @@ from ckptkit.errors import (
     CheckpointNotFoundError,
     CorruptObjectError,
     InvalidArgumentError,
+    ManifestError,
     RepositoryBusyError,
+    StorageFullError,
 )
 from ckptkit.hashing import check_hash, check_name, is_hash, is_name
-from ckptkit.storage.backend import DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE, Backend, Entry, open_backend
+from ckptkit.storage.backend import (
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_PART_SIZE,
+    MAX_MANIFEST_SIZE,
+    Backend,
+    Entry,
+    open_backend,
+)
+from ckptkit.storage.local import LocalBackend
 
 __all__ = ["LOCK_STALE_AFTER", "STALE_AFTER", "GcReport", "Repository"]
 
 STALE_AFTER = 6 * 3600.0
 """Seconds after which a pending record is taken to belong to a crashed save (and a temporary file or an
 incomplete multipart upload to a crashed write)."""
-LOCK_STALE_AFTER = 900.0
-"""Seconds after which a gc lock that was not refreshed is taken to belong to a crashed gc (a running gc
-refreshes it every minute; a lock of a dead process on this host is stale at once)."""
-LOCK_REFRESH = 60.0
-"""Seconds between refreshes of the gc lock while gc deletes."""
+LOCK_STALE_AFTER = 120.0
+"""The gc lock's lease, in seconds (and the longest a holder may ask for): a lock not renewed for this long
+belongs to a gc that crashed, was killed or lost the store, and is taken over by the next gc (saves ignore it),
+never earlier. A running gc renews it every sixth of its lease; an unreadable lock is judged by this lease."""
 DELETE_BATCH = 256
-"""Objects gc hands to the backend at once (the lock is refreshed between batches)."""
+"""Objects gc hands to the backend at once (it checks that its lease holds before each batch)."""
+_LOCK_MAX_SIZE = 64 << 10
+"""Bytes: a gc lock larger than this is not read (it is judged by its age alone)."""
+_FULL = StorageFullError.ERRNOS
+_MTIME_RESOLUTION = 1.0
+"""Seconds: stores report modification times to the second (S3's Last-Modified), so a lock may look this much
+older than it is; a lock counts as stale only once its lease plus this has passed."""
 
 _OBJECTS, _CHECKPOINTS, _PENDING, _LINEAGE, _LOCK = "objects", "checkpoints", "pending", "lineage", "gc.lock"
 
@@ -91,6 +125,8 @@ class Repository:
             5 GiB; raised for an object that would otherwise need more than 10,000 parts). Default 8 MiB.
         max_concurrency: S3 only: how many requests (parts, or whole small objects) are in flight at once in one
             write. Default 8.
+        timeout: S3 only: the deadline of each request in seconds, retries included, plus a second per MiB it
+            carries (default 60); past it the call raises ``StorageTimeoutError`` (see docs/cloud-storage.md).
 
     Raises:
         InvalidArgumentError: (a ``ValueError``) ``part_size`` or ``max_concurrency`` out of range, or given for
@@ -110,6 +146,7 @@ class Repository:
         *,
         part_size: int | None = None,
         max_concurrency: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         if isinstance(url, os.PathLike):
             url = os.fspath(url)
@@ -117,7 +154,7 @@ class Repository:
             raise InvalidArgumentError(f"repository URL must be a non-empty string or path, got {url!r}")
         self.url = url
         self.backend: Backend = open_backend(url, storage_options, part_size=part_size,
-                                             max_concurrency=max_concurrency)  # fmt: skip
+                                             max_concurrency=max_concurrency, timeout=timeout)  # fmt: skip
         self.fs: Any = self.backend.fs
         self.root: str = self.backend.root
         self.local = self.backend.kind == "local"
@@ -125,7 +162,8 @@ class Repository:
         # S3 tuning, as the backend validated it (the defaults elsewhere, where nothing uses them)
         self.part_size: int = getattr(self.backend, "part_size", DEFAULT_PART_SIZE)
         self.max_concurrency: int = getattr(self.backend, "max_concurrency", DEFAULT_MAX_CONCURRENCY)
-        self._lock_time = time.monotonic()
+        self._holder: _LockHolder | None = None  # while this object holds the gc lock
+        self._protected: set[str] = set()  # objects of the saves in flight when the lock was taken
 
     def __repr__(self) -> str:
         return f"Repository({self.url!r})"
@@ -165,25 +203,28 @@ class Repository:
 
     def write_object(self, h: str, chunks: Iterable[memoryview]) -> int:
         """Store an object under its hash. The caller computed ``h`` over ``chunks``; returns bytes written."""
-        return self.backend.put([(self._object_key(h), chunks)])
+        return self.write_objects([(h, chunks)])
 
     def write_objects(self, objects: list[tuple[str, Iterable[memoryview]]]) -> int:
         """Store several objects; on local disk each one's fsync overlaps the writing of the next, on S3 they
         upload concurrently within one budget of ``max_concurrency`` requests.
 
         An object appears under its final name only after its bytes are stored, so a crash at any moment
-        leaves complete objects and temporary files (removed by gc), never a partial object.
+        leaves complete objects and temporary files (removed by gc), never a partial object; so does a full
+        disk, which raises :class:`~ckptkit.errors.StorageFullError`.
         """
-        return self.backend.put([(self._object_key(h), chunks) for h, chunks in objects])
+        with self._writing(_OBJECTS):
+            return self.backend.put([(self._object_key(h), chunks) for h, chunks in objects])
 
     def read_object(self, h: str, size: int | None = None) -> memoryview:
         """Read an object and verify its hash (and size, when known); a writable buffer of its bytes.
 
         Raises:
             FileNotFoundError: the object does not exist.
-            CorruptObjectError: its bytes do not hash to ``h``.
+            CorruptObjectError: its bytes do not hash to ``h``, it has not ``size`` bytes (a larger one is
+                refused unread), or it is not a regular file.
         """
-        buf, found = self.backend.get(self._object_key(h))
+        buf, found = self.backend.get(self._object_key(h), size)  # a larger file is refused unread
         if size is not None and len(buf) != size:
             raise CorruptObjectError(self.object_path(h), f"{size} bytes", f"{len(buf)} bytes", "size differs")
         if found != h:
@@ -206,8 +247,14 @@ class Repository:
 
         Raises:
             CheckpointExistsError: a checkpoint of this name is already committed.
+            StorageFullError: (an ``OSError``) no space left for the manifest: nothing was committed.
         """
-        if not self.backend.put_if_absent(self._manifest_key(name), manifest):
+        key = self._manifest_key(name)
+        if isinstance(self.backend, LocalBackend):
+            self.backend.ensure_folder(_LINEAGE)  # so that retire() never has to make a folder on a full disk
+        with self._writing(key):
+            committed = self.backend.put_if_absent(key, manifest)
+        if not committed:
             raise CheckpointExistsError(self.url, name)
 
     def read_manifest(self, name: str) -> bytes:
@@ -215,11 +262,16 @@ class Repository:
 
         Raises:
             CheckpointNotFoundError: (a ``FileNotFoundError``) no checkpoint of that name.
+            ManifestError: what is stored under its name is not a regular file, or is larger than
+                ``MAX_MANIFEST_SIZE`` (it is not read).
         """
         try:
-            data, _ = self.backend.get(self._manifest_key(name))
+            data, _ = self.backend.get(self._manifest_key(name), MAX_MANIFEST_SIZE)
         except FileNotFoundError:
             raise CheckpointNotFoundError(self.url, name, self.list()) from None
+        except CorruptObjectError as err:  # not a regular file, or larger than any manifest
+            raise ManifestError(self.manifest_path(name), f"expected {err.expected}, found {err.found}; not "
+                                "read") from err  # fmt: skip
         return bytes(data)
 
     def list(self) -> list[str]:
@@ -244,8 +296,34 @@ class Repository:
 
     def archive(self, manifest_id: str, manifest: bytes) -> None:
         """Keep a pruned checkpoint's manifest under ``lineage/<id>.json`` so its history stays readable (its
-        objects are still collected by gc; archived manifests reference nothing)."""
-        self.backend.put([(self._archive_key(manifest_id), [memoryview(manifest)])])
+        objects are still collected by gc; archived manifests reference nothing). A new write: on a full disk use
+        :meth:`retire`, which moves the committed manifest instead."""
+        key = self._archive_key(manifest_id)
+        with self._writing(key):
+            self.backend.put([(key, [memoryview(manifest)])])
+
+    def retire(self, name: str, manifest_id: str) -> None:
+        """Prune checkpoint ``name``: move its manifest to ``lineage/<manifest_id>.json``, where its history stays
+        readable (:meth:`read_archived`); its objects become garbage for gc once unreferenced.
+
+        A move, not a copy plus a delete of new bytes, so that it frees space on a full disk: a rename on local
+        disk (atomic; no data blocks needed), a server-side copy and a delete on S3, copy and delete on other
+        fsspec filesystems.
+
+        Raises:
+            CheckpointNotFoundError: (a ``FileNotFoundError``) no checkpoint of that name (e.g. already pruned).
+            StorageFullError: (an ``OSError``) local disk only, where ``lineage/`` had to grow: nothing moved.
+        """
+        src, dst = self._manifest_key(name), self._archive_key(manifest_id)
+        try:
+            with self._writing(dst):
+                if isinstance(self.backend, LocalBackend):
+                    self.backend.move(src, dst)
+                else:
+                    self.fs.copy(posixpath.join(self.root, src), posixpath.join(self.root, dst))  # server-side on S3
+                    self.backend.delete([src])
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(self.url, name, self.list()) from None
 
     def read_archived(self, manifest_id: str) -> bytes | None:
         """An archived manifest's bytes, or None."""
@@ -263,18 +341,29 @@ class Repository:
 
     @contextlib.contextmanager
     def pending(self, hashes: Iterable[str], wait: float = 600.0) -> Iterator[None]:
-        """Protect ``hashes`` from a concurrent gc while a save checks, writes and commits them."""
+        """Protect ``hashes`` from a concurrent gc while a save checks, writes and commits them.
+
+        Writes the save's pending record, then waits while a gc holds a live lock (at most ``wait`` seconds; a
+        lock whose lease ran out is ignored), then runs the body; the record is removed afterwards. The body
+        must check which objects exist only inside this block (see the module docstring for why that is safe).
+
+        Raises:
+            StorageFullError: (an ``OSError``) the record cannot be written: no space left.
+            RepositoryBusyError: a gc held the lock for more than ``wait`` seconds.
+        """
         key = f"{_PENDING}/{uuid.uuid4().hex}.json"
         record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
                              "objects": sorted(set(hashes))}).encode()  # fmt: skip
-        self.backend.put([(key, [memoryview(record)])])
+        with self._writing(key):
+            self.backend.put([(key, [memoryview(record)])])
         try:
             deadline = time.monotonic() + wait
             while self._gc_lock_held():
                 if time.monotonic() > deadline:
                     raise RepositoryBusyError(
-                        f"{self.url} is locked by gc ({posixpath.join(self.root, _LOCK)}) for more than "
-                        f"{wait:.0f}s; if no gc is running, delete that file"
+                        f"{self.url} is locked by a running gc ({posixpath.join(self.root, _LOCK)}) for more "
+                        f"than {wait:.0f}s; a live gc renews its lease, a crashed one's lock is ignored once its "
+                        f"lease (at most {LOCK_STALE_AFTER:.0f}s) runs out: retry then"
                     )
                 time.sleep(0.05)
             yield
@@ -282,22 +371,26 @@ class Repository:
             self.backend.delete([key])
 
     def _gc_lock_held(self) -> bool:
+        """Whether a gc holds a live lock: one whose lease has not run out. A stale lock is left in place (only a
+        gc that takes the lock over removes it) and does not count."""
+        lock = self._read_lock()
+        return lock is not None and not lock.stale()
+
+    def _read_lock(self) -> _Lock | None:
+        """The gc lock as stored now, or None when there is none."""
         try:
-            info = self.backend.info(_LOCK)
-            data, _ = self.backend.get(_LOCK)
+            data, _ = self.backend.get(_LOCK, _LOCK_MAX_SIZE)
+            raw: bytes | None = bytes(data)
         except FileNotFoundError:
-            return False
+            return None
+        except CorruptObjectError:
+            raw = None  # a directory, a FIFO, or far larger than any lock: judged by its age alone
         try:
-            owner = json.loads(bytes(data))
-        except ValueError:
-            owner = None
-        if not isinstance(owner, dict):
-            owner = {}  # unreadable lock: judge it by age alone
-        dead = owner.get("host") == socket.gethostname() and not _alive(owner.get("pid"))
-        if dead or time.time() - info.mtime > LOCK_STALE_AFTER:
-            self.backend.delete([_LOCK])  # left by a gc that crashed or was killed
-            return False
-        return True
+            info = self.backend.info(_LOCK)  # after the read: a renewal in between makes it look younger, not older
+        except FileNotFoundError:
+            return None
+        token, lease, holder = _parse_lock(raw)
+        return _Lock(raw, info.mtime, token, lease, holder)
 
     def _pending_objects(self) -> set[str]:
         keep: set[str] = set()
@@ -305,47 +398,86 @@ class Repository:
             if time.time() - e.mtime > STALE_AFTER:
                 continue  # a save that crashed long ago; its objects are garbage
             try:
-                data, _ = self.backend.get(e.key)
+                data, _ = self.backend.get(e.key, MAX_MANIFEST_SIZE)
                 rec = json.loads(bytes(data))
                 keep.update(h for h in rec["objects"] if is_hash(h))
             except FileNotFoundError:
-                continue  # the save finished while we listed
-            except (ValueError, KeyError, TypeError):
+                continue  # the save finished (committed) while we listed: its manifest is listed after this
+            except (ValueError, KeyError, TypeError, RecursionError, CorruptObjectError):
                 continue  # unreadable record: it protects nothing
         return keep
 
     # --- garbage collection --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def gc_lock(self) -> Iterator[None]:
-        """Hold the repository's gc lock (see the module docstring for the protocol)."""
-        busy = f"another gc holds {posixpath.join(self.root, _LOCK)}; wait for it, or delete the file if it crashed"
+    def gc_lock(self, lease: float | None = None) -> Iterator[None]:
+        """Hold the repository's gc lock, under a lease (see the module docstring for the protocol).
+
+        Taking it reads the pending records of the saves in flight, before the caller lists any manifest;
+        :meth:`sweep` keeps their objects. While held, a background thread renews the lease every sixth of it;
+        :meth:`sweep` stops deleting (``RepositoryBusyError``) if the lease could not be renewed for half of it.
+
+        Args:
+            lease: seconds (0 < lease <= :data:`LOCK_STALE_AFTER`, the default) after the last renewal at which
+                others take the lock to be left by a crashed gc.
+
+        Raises:
+            RepositoryBusyError: another gc holds a live lock.
+            StorageFullError: not even the lock can be written (on local disk the lock falls back to an empty
+                file, which needs no data blocks; this is raised when even that fails, e.g. no inodes left).
+        """
+        lease = LOCK_STALE_AFTER if lease is None else lease
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= LOCK_STALE_AFTER:
+            raise InvalidArgumentError(f"lease={lease!r}: must be a number of seconds, more than 0 and at most "
+                                       f"LOCK_STALE_AFTER ({LOCK_STALE_AFTER:g})")  # fmt: skip
+        if self._holder is not None:
+            raise RepositoryBusyError(f"this Repository object already holds {posixpath.join(self.root, _LOCK)}")
         if self._gc_lock_held():
-            raise RepositoryBusyError(busy)
-        self._lock_time = time.monotonic()
-        if not self.backend.put_if_absent(_LOCK, self._lock_owner()):  # two gcs that both saw no lock: one wins
-            raise RepositoryBusyError(busy)
+            raise RepositoryBusyError(self._busy())
+        holder = _LockHolder(self, float(lease))
+        holder.acquire()
+        self._holder = holder
         try:
+            holder.start()
+            # Before any manifest is listed: a save whose record this misses either wrote it after this (and
+            # then finds the lock, and waits), or removed it before (and so committed before the listing).
+            self._protected = self._pending_objects()
             yield
-        finally:
-            self.backend.delete([_LOCK])
+        except BaseException:
+            self._holder, self._protected = None, set()
+            holder.release(quiet=True)
+            raise
+        self._holder, self._protected = None, set()
+        holder.release()
 
-    def _lock_owner(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
-
-    def _refresh_lock(self) -> None:
-        self._lock_time = time.monotonic()
-        self.backend.put([(_LOCK, [memoryview(self._lock_owner())])])
+    def _busy(self, lock: _Lock | None = None) -> str:
+        where = posixpath.join(self.root, _LOCK)
+        lock = lock or self._read_lock()
+        if lock is None:
+            return f"another gc holds {where}; wait for it"
+        left = max(0.0, lock.lease - lock.age())
+        by = f" ({lock.holder})" if lock.holder else ""
+        return (f"another gc{by} holds {where}; wait for it: a live gc renews its lease, and the lock of one that "
+                f"crashed is taken over when the lease runs out (in {left:.0f}s unless renewed)")
 
     def sweep(self, referenced: set[str], dry_run: bool = False) -> GcReport:
         """Delete unreferenced objects and stale temporary files. Call inside :meth:`gc_lock`, with
-        ``referenced`` read after the lock was taken."""
-        keep = referenced | self._pending_objects()
+        ``referenced`` read after the lock was taken; the objects of the saves that were in flight when the lock
+        was taken are kept too.
+
+        Raises:
+            InvalidArgumentError: called outside :meth:`gc_lock`.
+            RepositoryBusyError: the lock's lease could not be renewed (this gc stopped before deleting more).
+        """
+        holder = self._holder
+        if holder is None:
+            raise InvalidArgumentError("Repository.sweep() must run inside `with repo.gc_lock():` (it keeps the "
+                                       "objects of the saves in flight that the lock recorded)")  # fmt: skip
+        keep = referenced | self._protected
         stored = self.list_objects()
         garbage = [h for h in stored if h not in keep]
         for i in range(0, len(garbage), DELETE_BATCH):
-            if time.monotonic() - self._lock_time > LOCK_REFRESH:
-                self._refresh_lock()
+            holder.check()  # never delete under a lease that may have run out
             if not dry_run:
                 self.backend.delete([self._object_key(h) for h in garbage[i : i + DELETE_BATCH]])
         # Temporaries of writes that crashed (temp files on disk, incomplete multipart uploads on S3) ...
@@ -359,19 +491,211 @@ class Repository:
         freed = sum(stored[h] for h in garbage)
         return GcReport(len(stored) - len(garbage), len(garbage), freed, temps + len(stale), dry_run)
 
+    # --- writes --------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self, key: str) -> Iterator[None]:
+        """Turn a full disk (``ENOSPC``, ``EDQUOT``) under a write of ``key`` into :class:`StorageFullError`
+        naming the file and the repository (the local backend raises it itself, naming the exact file)."""
+        try:
+            yield
+        except StorageFullError:
+            raise
+        except OSError as err:
+            if err.errno in _FULL:
+                raise StorageFullError(self.url, posixpath.join(self.root, key), err.errno) from err
+            raise
+
+
+@dataclass(frozen=True)
+class _Lock:
+    """The gc lock as read: its bytes (None when unreadable), the store's modification time of its last write
+    or renewal, the holder's token and lease (the default lease when the content does not say)."""
+
+    raw: bytes | None
+    mtime: float
+    token: str | None
+    lease: float
+    holder: str
+
+    def age(self) -> float:
+        return time.time() - self.mtime
+
+    def stale(self) -> bool:
+        """Whether its lease has run out: not renewed for ``lease`` seconds (plus the second to which some stores,
+        S3 among them, round the modification time down)."""
+        return self.age() > self.lease + _MTIME_RESOLUTION
+
+
+def _parse_lock(raw: bytes | None) -> tuple[str | None, float, str]:
+    """(token, lease, holder description) of a lock's bytes. Anything that is not a lock record of this version
+    (empty, not JSON, ``[]``, ``null``, a number, a record without a valid lease) gets the default lease, so it is
+    judged by its age alone; a claimed lease longer than the default is cut to it."""
+    try:
+        rec = json.loads(raw) if raw else None
+    except (ValueError, RecursionError):
+        rec = None
+    if not isinstance(rec, dict):
+        return None, LOCK_STALE_AFTER, ""
+    token = rec.get("token")
+    lease = rec.get("lease")
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not math.isfinite(lease) or lease <= 0:
+        lease = LOCK_STALE_AFTER
+    host, pid = rec.get("host"), rec.get("pid")
+    holder = f"host {host}, pid {pid}" if isinstance(host, str) and isinstance(pid, int) else ""
+    return (token if isinstance(token, str) else None), min(float(lease), LOCK_STALE_AFTER), holder
+
+
+class _LockHolder:
+    """This process's hold on the gc lock: taking it, renewing its lease, giving it back."""
+
+    def __init__(self, repo: Repository, lease: float) -> None:
+        self.repo = repo
+        self.backend = repo.backend
+        self.lease = lease
+        self.token = uuid.uuid4().hex
+        self.empty: tuple[int, int, int] | None = None  # the identity of an empty lock file (full disk)
+        self.renewed = time.monotonic()  # when the last successful renewal (or the creation) started
+        self.lost = ""
+        self.error: BaseException | None = None  # the last failure to renew, for the message when it matters
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        now = time.time()
+        return json.dumps({"version": 2, "token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "time": now, "lease": self.lease, "expires": now + self.lease}).encode()  # fmt: skip
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            if self._create():
+                return
+            lock = self.repo._read_lock()
+            if lock is not None and not lock.stale():
+                raise RepositoryBusyError(self.repo._busy(lock))
+            if lock is not None:
+                self._remove_if_unchanged(lock)  # left by a gc that crashed: its lease ran out
+        raise RepositoryBusyError(self.repo._busy())
+
+    def _create(self) -> bool:
+        started = time.monotonic()
+        try:
+            with self.repo._writing(_LOCK):
+                created = self.backend.put_if_absent(_LOCK, self._record())
+        except StorageFullError as err:
+            created = self._create_empty(err)
+        if created:
+            self.renewed = started
+        return created
+
+    def _create_empty(self, full: StorageFullError) -> bool:
+        """No room for the lock's record: on local disk, take the lock as an empty file (an inode, no data), whose
+        lease is the default one (how every unreadable lock is judged), renewed by touching it."""
+        backend = self.backend
+        if not isinstance(backend, LocalBackend):
+            raise full
+        where = posixpath.join(self.repo.root, _LOCK)
+        try:
+            created = backend.create_empty(_LOCK)
+        except StorageFullError as err:
+            raise StorageFullError(self.repo.url, where, err.errno, hint=(
+                "not even gc's lock fits (an empty file: no inodes left?): delete some file on that disk outside "
+                f"the repository, then run `ckptkit gc {self.repo.url}`"
+            )) from err  # fmt: skip
+        if created:
+            self.lease = LOCK_STALE_AFTER
+            self.empty = backend.identity(_LOCK)
+        return created
+
+    def _remove_if_unchanged(self, lock: _Lock) -> None:
+        again = self.repo._read_lock()
+        if again is not None and again.raw == lock.raw and again.mtime == lock.mtime:
+            try:
+                self.backend.delete([_LOCK])
+            except FileNotFoundError:
+                pass  # another gc took it over first; the next attempt finds its lock
+            except (IsADirectoryError, NotADirectoryError, PermissionError) as err:  # not a file, or not ours
+                where = posixpath.join(self.repo.root, _LOCK)
+                raise RepositoryBusyError(f"{where} is stale (its lease ran out) but gc cannot remove it "
+                                          f"({type(err).__name__}: {err}); remove it by hand, then run gc again "
+                                          "(saves are not blocked by it)") from err  # fmt: skip
+
+    def owns(self) -> bool:
+        """Whether the stored lock is still the one this holder created."""
+        if self.empty is not None and isinstance(self.backend, LocalBackend):
+            try:
+                return self.backend.identity(_LOCK) == self.empty
+            except FileNotFoundError:
+                return False
+        lock = self.repo._read_lock()
+        return lock is not None and lock.token == self.token
+
+    def renew(self) -> bool:
+        """Renew the lease (local disk: touch the file, writing no data; elsewhere: rewrite the record); False,
+        and the hold lost, when the lock is no longer this holder's (taken over, or removed by hand)."""
+        with self._mutex:
+            if self.lost:
+                return False
+            started = time.monotonic()
+            if started - self.renewed > self.lease:
+                self.lost = f"its lease was not renewed for {started - self.renewed:.0f}s (more than {self.lease:g}s)"
+                return False
+            if not self.owns():
+                self.lost = "the lock was taken over or removed"
+                return False
+            if isinstance(self.backend, LocalBackend):
+                self.backend.touch(_LOCK)
+            else:
+                self.backend.put([(_LOCK, [memoryview(self._record())])])
+            self.renewed = started
+            return True
+
+    def check(self) -> None:
+        """Raise unless the lock is still this holder's and its lease surely holds (renewing it now if the
+        background renewal has not for half of it). Called before every batch of deletes."""
+        if not self.lost and time.monotonic() - self.renewed > self.lease / 2:
+            try:
+                self.renew()
+            except Exception as err:  # a failing store: judged just below, by how long ago the last renewal was
+                self.error = err
+            if not self.lost and time.monotonic() - self.renewed > self.lease / 2:
+                why = f": {type(self.error).__name__}: {self.error}" if self.error is not None else ""
+                self.lost = f"its lease could not be renewed for half of it{why}"
+        if not self.lost and not self.owns():  # one read per batch of deletes: a lock taken over stops it at once
+            self.lost = "the lock was taken over or removed"
+        if self.lost:
+            raise RepositoryBusyError(
+                f"gc stopped: it lost {posixpath.join(self.repo.root, _LOCK)} ({self.lost}); what it deleted "
+                f"was garbage; run gc again"
+            )
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._keep, name="ckptkit-gc-lease", daemon=True)
+        self._thread.start()
+
+    def _keep(self) -> None:
+        interval = max(self.lease / 6, 0.02)
+        while not self._stop.wait(interval):
+            try:
+                if not self.renew():
+                    return
+            except Exception as err:  # a failing store: check() stops the sweep if this lasts half the lease
+                self.error = err
+
+    def release(self, quiet: bool = False) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            with self._mutex:
+                if not self.lost and self.owns():
+                    self.backend.delete([_LOCK])
+        except Exception:
+            if not quiet:
+                raise  # the lock stays until its lease runs out
+
 
 def _children(entries: list[Entry], prefix: str) -> list[Entry]:
     """The entries directly under ``prefix/`` (not in a folder below it)."""
     return [e for e in entries if "/" not in e.key[len(prefix) + 1 :]]
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True

@@ -1,17 +1,34 @@
-"""The S3 backend: concurrent uploads under one request budget, multipart above ``part_size``, conditional commits.
+"""The S3 backend: concurrent uploads under one request budget, multipart above ``part_size``, conditional commits,
+and a deadline on every request.
 
 Upload: :meth:`S3Backend.put` uploads every object of a call on s3fs's event loop with at most
 ``max_concurrency`` requests in flight across all of them: one PUT for an object up to ``part_size``, a
 multipart upload above (which becomes visible only when it completes). On any error, or when the caller is
 interrupted, every upload the call started and did not complete is aborted, so an object under its final key is
 never partial (and what an abort misses, e.g. after SIGKILL, gc aborts once stale: S3 keeps, and bills, the
-parts of an incomplete upload until then).
+parts of an incomplete upload until then). A completion whose answer was lost, and that botocore therefore
+retried into ``NoSuchUpload``, is recognised by the object's multipart ETag and counts as done.
 
 Commit: :meth:`S3Backend.put_if_absent` is a conditional PUT (``If-None-Match: *``): of two writers racing for
 one key, the server lets only the first one in (412 for the other). A server without conditional writes
-(501 / NotImplemented) gets a plain PUT; the existence check before it is then what protects.
+(501 / NotImplemented) gets a plain PUT; the existence check before it is then what protects. A 412 is not
+taken at its word: when the response to our own PUT was lost and botocore retried it, the retry meets the
+object that the first attempt stored. So on a 412 the stored object is read back, and if it holds exactly our
+bytes the commit succeeded.
 
-Existence: :meth:`S3Backend.missing` and :meth:`S3Backend.delete` run their HEADs and DELETEs concurrently.
+Existence: :meth:`S3Backend.missing` and :meth:`S3Backend.delete` run their HEADs and DELETEs concurrently (one
+HEAD per key: a key is never a folder).
+
+Reads: :meth:`S3Backend.get` streams the body into one buffer, refuses an object larger than ``max_size`` by its
+``Content-Length`` before reading the body, and when the connection breaks mid-body resumes with a ranged GET
+(``If-Match`` its ETag) from the first missing byte, a few times, before it gives up.
+
+Deadlines and errors: every request runs under a deadline of ``timeout`` seconds plus a second per MiB it
+carries (a GET: per MiB of its ``Content-Length``), s3fs's and botocore's retries included; past it the call
+raises :class:`~ckptkit.errors.StorageTimeoutError`. Any other failure of the store (a connection refused or
+cut, a truncated body, an error status) raises :class:`~ckptkit.errors.StorageError` naming the repository,
+the action and the key, with the library's exception as its cause; a missing key stays a
+``FileNotFoundError``.
 """
 
 from __future__ import annotations
@@ -19,23 +36,36 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
-from fsspec.asyn import sync
-
-from ckptkit.errors import InvalidArgumentError
-from ckptkit.storage.backend import DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE, MIB, Entry, is_s3_filesystem
+from ckptkit.errors import CkptkitError, CorruptObjectError, InvalidArgumentError, StorageError, StorageTimeoutError
+from ckptkit.hashing import hash_bytes
+from ckptkit.storage.backend import (
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_PART_SIZE,
+    DEFAULT_TIMEOUT,
+    MIB,
+    Entry,
+    is_s3_filesystem,
+)
 from ckptkit.storage.fsspec_backend import FsspecBackend
 
-__all__ = ["DEFAULT_MAX_CONCURRENCY", "DEFAULT_PART_SIZE", "S3Backend"]
+__all__ = ["DEFAULT_MAX_CONCURRENCY", "DEFAULT_PART_SIZE", "DEFAULT_TIMEOUT", "SECONDS_PER_MIB", "S3Backend"]
 
+SECONDS_PER_MIB = 1.0
+"""A request's deadline grows by this much per MiB it carries (so ``timeout`` need not scale with part size)."""
 _MIN_PART = 5 * MIB
 _MAX_PART = 5 << 30
 _MAX_PARTS = 10_000
 _MIN_LOOKUPS = 8  # HEADs and DELETEs in flight at once, at least (they hold no memory)
+_READ_ATTEMPTS = 3  # GETs of one object, the first and the ranged ones that resume a body cut short
+_READ_CHUNK = 1 << 20
+_CANCEL_WAIT = 60.0  # seconds an interrupted call waits for its requests to be cancelled and aborted
+_TIMEOUT_ERRORS = ("ConnectTimeoutError", "ReadTimeoutError", "FSTimeoutError")  # botocore's, fsspec's
 
 _T = TypeVar("_T")
 
@@ -49,15 +79,23 @@ class S3Backend(FsspecBackend):
         part_size: objects larger than this many bytes are uploaded in parts of this size (5 MiB to 5 GiB;
             raised for an object that would otherwise need more than 10,000 parts).
         max_concurrency: requests (parts, or whole small objects) in flight at once across one :meth:`put`.
+        timeout: the deadline of each request in seconds, retries included, plus :data:`SECONDS_PER_MIB` per
+            MiB it carries (see the module docstring).
 
     Raises:
-        InvalidArgumentError: ``part_size`` or ``max_concurrency`` out of range.
+        InvalidArgumentError: ``part_size``, ``max_concurrency`` or ``timeout`` out of range.
     """
 
     kind = "s3"
 
     def __init__(
-        self, fs: Any, root: str, *, part_size: int = DEFAULT_PART_SIZE, max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+        self,
+        fs: Any,
+        root: str,
+        *,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(fs, root)
         if not _is_int(part_size) or not _MIN_PART <= part_size <= _MAX_PART:
@@ -65,62 +103,115 @@ class S3Backend(FsspecBackend):
                                        f"({_MAX_PART})")  # fmt: skip
         if not _is_int(max_concurrency) or max_concurrency < 1:
             raise InvalidArgumentError(f"max_concurrency={max_concurrency!r}: must be a positive integer")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise InvalidArgumentError(f"timeout={timeout!r}: must be a positive, finite number of seconds")
         self.part_size = part_size
         self.max_concurrency = max_concurrency
+        self.timeout = float(timeout)
+        self.url = f"s3://{root}"
 
     @staticmethod
     def supports(fs: Any) -> bool:
         """Whether ``fs`` is an s3fs filesystem (one with the async S3 calls this backend uses)."""
         return is_s3_filesystem(fs)
 
+    # --- the boundary: deadlines, and typed errors -----------------------------------------------------------
+
+    def _run(self, coro: Coroutine[Any, Any, _T], action: str, key: str | None) -> _T:
+        """Run ``coro`` on s3fs's loop and wait for it; its requests carry their own deadlines. On an interrupt
+        (e.g. KeyboardInterrupt) it is cancelled (a put's uploads aborted) before the interrupt propagates."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+        try:
+            return future.result()
+        except (CkptkitError, FileNotFoundError):
+            raise
+        except Exception as err:  # anything the requests' own guards did not name
+            raise self._error(err, action, key, None) from err
+        except BaseException:
+            future.cancel()  # the uploads are cancelled and aborted on the loop
+            with contextlib.suppress(BaseException):
+                concurrent.futures.wait([future], timeout=_CANCEL_WAIT)
+            raise
+
+    def _error(self, err: BaseException, action: str, key: str | None, elapsed: float | None) -> StorageError:
+        """The typed error for a failure of the store (``err`` becomes its cause)."""
+        names = {c.__name__ for c in type(err).__mro__}
+        if isinstance(err, asyncio.TimeoutError) or names & set(_TIMEOUT_ERRORS):
+            return StorageTimeoutError(self.url, action, key, self.timeout if elapsed is None else elapsed,
+                                       f"{type(err).__name__}: {err}" if str(err) else "")  # fmt: skip
+        return StorageError(self.url, action, key, f"{type(err).__name__}: {err}")
+
+    async def _guard(self, action: str, key: str | None, aw: Awaitable[_T]) -> _T:
+        """Await ``aw``; a failure of the store becomes a typed error naming ``action`` and ``key``."""
+        start = time.monotonic()
+        try:
+            return await aw
+        except (CkptkitError, FileNotFoundError):
+            raise
+        except Exception as err:
+            raise self._error(err, action, key, time.monotonic() - start) from err
+
+    def _deadline(self, nbytes: int = 0) -> float:
+        return self.timeout + SECONDS_PER_MIB * nbytes / MIB
+
+    def _raw(self, method: str, nbytes: int = 0, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        """One S3 call (s3fs's and botocore's retries included) under its deadline; errors as they come."""
+        return asyncio.wait_for(self.fs._call_s3(method, **kwargs), self._deadline(nbytes))
+
+    def _request(
+        self, action: str, key: str | None, method: str, nbytes: int = 0, **kwargs: Any
+    ) -> Coroutine[Any, Any, Any]:
+        """One S3 call under its deadline, with typed errors."""
+        return self._guard(action, key, self._raw(method, nbytes, **kwargs))
+
+    def _split(self, key: str) -> tuple[str, str]:
+        bucket, s3key, _ = self.fs.split_path(self.path(key))
+        return str(bucket), str(s3key)
+
     # --- writes ------------------------------------------------------------------------------------------------
 
     def put(self, objects: Iterable[tuple[str, Iterable[memoryview]]]) -> int:
         """Upload objects concurrently (see the module docstring); an object appears only once complete."""
-        views = [(self.path(k), [memoryview(c).cast("B") for c in chunks]) for k, chunks in objects]
-        future = asyncio.run_coroutine_threadsafe(self._upload_all(views), self.fs.loop)
-        try:
-            return int(future.result())
-        except BaseException:
-            future.cancel()  # e.g. KeyboardInterrupt here: the uploads are cancelled and aborted on the loop
-            with contextlib.suppress(BaseException):
-                concurrent.futures.wait([future], timeout=60)
-            raise
+        views = [(k, [memoryview(c).cast("B") for c in chunks]) for k, chunks in objects]
+        return int(self._run(self._upload_all(views), "saving", views[0][0] if len(views) == 1 else None))
 
     async def _upload_all(self, objects: list[tuple[str, list[memoryview]]]) -> int:
         slots = asyncio.Semaphore(self.max_concurrency)  # wakes waiters in order: objects finish roughly in order
         open_uploads: dict[str, tuple[str, str]] = {}  # upload id -> (bucket, key), until completed
-        tasks = [asyncio.ensure_future(self._upload_one(path, views, slots, open_uploads))
-                 for path, views in objects]  # fmt: skip
+        tasks = [asyncio.ensure_future(self._upload_one(key, views, slots, open_uploads))
+                 for key, views in objects]  # fmt: skip
         try:
             return sum(await asyncio.gather(*tasks))
         except BaseException:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for upload, (bucket, key) in open_uploads.items():
-                with contextlib.suppress(Exception):  # the original error matters; gc aborts what this leaves
-                    await self.fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
+            # The original error matters; what an abort misses (a stalled endpoint) gc aborts once stale.
+            aborts = [self._raw("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
+                      for upload, (bucket, key) in open_uploads.items()]  # fmt: skip
+            await asyncio.gather(*aborts, return_exceptions=True)
             raise
 
-    async def _upload_one(self, path: str, views: list[memoryview], slots: asyncio.Semaphore,
+    async def _upload_one(self, key: str, views: list[memoryview], slots: asyncio.Semaphore,
                           open_uploads: dict[str, tuple[str, str]]) -> int:  # fmt: skip
-        bucket, key, _ = self.fs.split_path(path)
+        bucket, s3key = self._split(key)
         size = sum(len(v) for v in views)
         if size <= self.part_size:
             async with slots:
-                await self.fs._call_s3("put_object", Bucket=bucket, Key=key, Body=b"".join(views))
+                await self._request("saving", key, "put_object", size, Bucket=bucket, Key=s3key, Body=b"".join(views))
             return size
         part = max(self.part_size, math.ceil(size / _MAX_PARTS))
         async with slots:
-            upload = (await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key))["UploadId"]
-        open_uploads[upload] = (bucket, key)
+            created = await self._request("saving", key, "create_multipart_upload", Bucket=bucket, Key=s3key)
+        upload = created["UploadId"]
+        open_uploads[upload] = (bucket, s3key)
+        count = math.ceil(size / part)
 
         async def send(n: int, start: int) -> dict[str, Any]:
             async with slots:
                 body = _slice(views, start, min(size, start + part))  # one part's copy, only while in flight
-                out = await self.fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=n,
-                                             Body=body)  # fmt: skip
+                out = await self._request(f"saving (part {n} of {count})", key, "upload_part", len(body), Bucket=bucket,
+                                          Key=s3key, UploadId=upload, PartNumber=n, Body=body)  # fmt: skip
             checksums = {k: v for k, v in out.items() if k.startswith("Checksum") and k != "ChecksumType"}
             return {"PartNumber": n, "ETag": out["ETag"], **checksums}
 
@@ -133,76 +224,204 @@ class S3Backend(FsspecBackend):
             await asyncio.gather(*sends, return_exceptions=True)
             raise
         async with slots:
-            await self.fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload,
-                                   MultipartUpload={"Parts": parts})  # fmt: skip
+            try:
+                await self._request("saving (completing the upload)", key, "complete_multipart_upload", size,
+                                    Bucket=bucket, Key=s3key, UploadId=upload,
+                                    MultipartUpload={"Parts": parts})  # fmt: skip
+            except FileNotFoundError as err:  # NoSuchUpload: completed by an attempt whose answer was lost?
+                if not await self._completed(key, parts):
+                    raise StorageError(self.url, "saving", key, "the multipart upload vanished before it was "
+                                       "completed (aborted by another process?)") from err  # fmt: skip
         del open_uploads[upload]
         return size
 
+    async def _completed(self, key: str, parts: list[dict[str, Any]]) -> bool:
+        """Whether ``key`` holds the object that completing an upload of ``parts`` makes (by its ETag: the MD5 of
+        the parts' MD5s, ``-`` their count, where the parts' ETags are MD5s)."""
+        bucket, s3key = self._split(key)
+        try:
+            head = await self._request("saving", key, "head_object", Bucket=bucket, Key=s3key)
+            digests = b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts)
+        except (FileNotFoundError, ValueError):
+            return False
+        expected = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
+        return str(head.get("ETag", "")).strip('"') == expected
+
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """A conditional PUT (``If-None-Match: *``) after an existence check; see the module docstring."""
-        path = self.path(key)
-        if self.fs.exists(path):
+        return bool(self._run(self._put_if_absent(key, data), "committing", key))
+
+    async def _put_if_absent(self, key: str, data: bytes) -> bool:
+        bucket, s3key = self._split(key)
+        if await self._exists(key, "committing"):
             return False
-        bucket, s3key, _ = self.fs.split_path(path)
+        start = time.monotonic()
         try:
-            self.fs.call_s3("put_object", Bucket=bucket, Key=s3key, Body=data, IfNoneMatch="*")
+            await self._raw("put_object", len(data), Bucket=bucket, Key=s3key, Body=data, IfNoneMatch="*")
         except FileExistsError:
-            return False
-        except OSError as err:
+            return await self._holds(key, data)
+        except (CkptkitError, FileNotFoundError):
+            raise
+        except Exception as err:
             code, status = _s3_error(err)
             if code == "PreconditionFailed" or status == 412:
-                return False
+                return await self._holds(key, data)
             if code in ("NotImplemented", "InvalidArgument") or status == 501:
                 # A server without conditional writes: the existence check before this is what protects.
-                self.fs.call_s3("put_object", Bucket=bucket, Key=s3key, Body=data)
+                await self._request("committing", key, "put_object", len(data), Bucket=bucket, Key=s3key, Body=data)
                 return True
-            raise
+            raise self._error(err, "committing", key, time.monotonic() - start) from err
         return True
+
+    async def _holds(self, key: str, data: bytes) -> bool:
+        """Whether ``key`` holds exactly ``data``: after a 412, whether the conflicting object is our own (the
+        answer to our first attempt was lost and the retry met what that attempt stored)."""
+        try:
+            stored = await self._get(key, len(data), "committing (reading back a conflicting object)")
+        except (FileNotFoundError, CorruptObjectError):  # gone again, or larger than ours: not ours
+            return False
+        return stored == data
+
+    # --- reads -------------------------------------------------------------------------------------------------
+
+    def get(self, key: str, max_size: int | None = None) -> tuple[memoryview, str]:
+        """The whole object (see the module docstring: bounded by ``max_size``, resumed when cut short)."""
+        buf = self._run(self._get(key, max_size, "reading"), "reading", key)
+        view = memoryview(buf)
+        return view, hash_bytes(view)  # on the caller's thread: concurrent reads hash in parallel
+
+    async def _get(self, key: str, max_size: int | None, action: str) -> bytearray:
+        bucket, s3key = self._split(key)
+        start = time.monotonic()
+        resp = await self._request(action, key, "get_object", Bucket=bucket, Key=s3key)
+        n = int(resp["ContentLength"])
+        etag = resp.get("ETag")
+        body = resp["Body"]
+        if max_size is not None and n > max_size:
+            body.close()
+            raise CorruptObjectError(self.path(key), f"at most {max_size} bytes", f"{n} bytes",
+                                     "larger than expected; not read")  # fmt: skip
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = [0]
+        end = start + self._deadline(n)
+        for attempt in range(1, _READ_ATTEMPTS + 1):
+            cause: BaseException | None = None
+            try:
+                await asyncio.wait_for(_drain(body, view, got), max(end - time.monotonic(), 0.0))
+            except asyncio.TimeoutError as err:
+                raise StorageTimeoutError(self.url, action, key, time.monotonic() - start,
+                                          f"{got[0]} of {n} bytes received") from err  # fmt: skip
+            except Exception as err:  # the connection broke mid-body (aiohttp's or botocore's error)
+                cause = err
+            finally:
+                body.close()
+            if got[0] == n:
+                return buf
+            problem = f"the response was cut short after {got[0]} of {n} bytes"
+            if cause is not None:
+                problem += f" ({type(cause).__name__}: {cause})"
+            if attempt == _READ_ATTEMPTS:
+                raise StorageError(self.url, action, key, f"{problem}, {attempt} times") from cause
+            resumed = await self._guard(action, key, asyncio.wait_for(
+                self.fs._call_s3("get_object", Bucket=bucket, Key=s3key, Range=f"bytes={got[0]}-",
+                                 **({"IfMatch": etag} if etag else {})),
+                max(end - time.monotonic(), 0.0)))  # fmt: skip
+            body = resumed["Body"]
+            if int(resumed["ContentLength"]) != n - got[0]:
+                body.close()
+                raise StorageError(self.url, action, key, f"{problem}; the ranged GET resuming it answered "
+                                   f"{resumed['ContentLength']} bytes, not {n - got[0]}")  # fmt: skip
+        raise StorageError(self.url, action, key, "unreachable")  # pragma: no cover (the loop returns or raises)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        return bytes(self._run(self._get_range(key, offset, length), "reading", key))
+
+    async def _get_range(self, key: str, offset: int, length: int) -> bytes:
+        bucket, s3key = self._split(key)
+        try:
+            resp = await self._raw("get_object", length, Bucket=bucket, Key=s3key,
+                                   Range=f"bytes={offset}-{offset + length - 1}")  # fmt: skip
+        except (CkptkitError, FileNotFoundError):
+            raise
+        except Exception as err:
+            code, status = _s3_error(err)
+            if code == "InvalidRange" or status == 416:
+                return b""  # at or past the end
+            raise self._error(err, "reading", key, None) from err
+        body = resp["Body"]
+        try:
+            data: bytes = await self._guard("reading", key, asyncio.wait_for(body.read(), self._deadline(length)))
+        finally:
+            body.close()
+        return data
 
     # --- lookups -----------------------------------------------------------------------------------------------
 
+    async def _exists(self, key: str, action: str) -> bool:
+        bucket, s3key = self._split(key)
+        try:
+            await self._request(action, key, "head_object", Bucket=bucket, Key=s3key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def info(self, key: str) -> Entry:
+        bucket, s3key = self._split(key)
+        head = self._run(self._request("looking up", key, "head_object", Bucket=bucket, Key=s3key), "looking up", key)
+        modified = head.get("LastModified")
+        return Entry(key, int(head.get("ContentLength") or 0), float(modified.timestamp()) if modified else 0.0)
+
     def missing(self, keys: Sequence[str]) -> list[str]:
         """The keys with no object, in order; the HEADs run concurrently."""
-        if len(keys) < 2:
-            return super().missing(keys)
-        exists = self._each(keys, self.fs._exists)
+        exists = self._each(keys, lambda k: self._exists(k, "looking up"), "looking up")
         return [k for k, e in zip(keys, exists, strict=True) if not e]
 
     def delete(self, keys: Sequence[str]) -> None:
         """Remove these objects (DELETEs run concurrently; S3 deletes a missing key without complaint)."""
-        if len(keys) < 2:
-            super().delete(keys)
-            return
-        self._each(keys, self.fs._rm_file)
 
-    def _each(self, keys: Sequence[str], call: Callable[[str], Awaitable[_T]]) -> list[_T]:
-        """``call(path)`` for every key on s3fs's loop, a bounded number at once; results in order."""
+        async def one(k: str) -> None:
+            bucket, s3key = self._split(k)
+            with contextlib.suppress(FileNotFoundError):
+                await self._request("deleting", k, "delete_object", Bucket=bucket, Key=s3key)
+
+        self._each(keys, one, "deleting")
+
+    def _each(self, keys: Sequence[str], call: Callable[[str], Awaitable[_T]], action: str) -> list[_T]:
+        """``call(key)`` for every key on s3fs's loop, a bounded number at once; results in order."""
 
         async def run() -> list[_T]:
             slots = asyncio.Semaphore(max(self.max_concurrency, _MIN_LOOKUPS))
 
             async def one(k: str) -> _T:
                 async with slots:
-                    return await call(self.path(k))
+                    return await call(k)
 
             return list(await asyncio.gather(*(one(k) for k in keys)))
 
-        out: list[_T] = sync(self.fs.loop, run)
-        return out
+        if not keys:
+            return []
+        return self._run(run(), action, keys[0] if len(keys) == 1 else None)
 
     # --- clean-up ----------------------------------------------------------------------------------------------
 
     def remove_stale_temporaries(self, prefixes: Sequence[str], older_than: float, dry_run: bool) -> int:
         """Abort incomplete multipart uploads under ``prefixes`` started more than ``older_than`` seconds ago
         (left by killed saves; a recent one may belong to a save in progress). Returns how many."""
+        return int(self._run(self._remove_stale(prefixes, older_than, dry_run), "cleaning up", None))
+
+    async def _remove_stale(self, prefixes: Sequence[str], older_than: float, dry_run: bool) -> int:
         bucket, root, _ = self.fs.split_path(self.root)
         root = root.rstrip("/") + "/" if root.strip("/") else ""
         under = tuple(root + p.strip("/") + "/" for p in prefixes)
         now = time.time()
         stale: list[tuple[str, str]] = []
-        markers: dict[str, str] = {}
+        markers: dict[str, Any] = {}
         while True:  # one listing of the whole repository, however many prefixes
-            page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=root, **markers)
+            page = await self._request("cleaning up", None, "list_multipart_uploads", Bucket=bucket, Prefix=root,
+                                       **markers)  # fmt: skip
             for u in page.get("Uploads", []):
                 initiated = u.get("Initiated")
                 if u["Key"].startswith(under) and initiated is not None and now - initiated.timestamp() > older_than:
@@ -213,17 +432,48 @@ class S3Backend(FsspecBackend):
         if not dry_run:
             for k, upload in stale:
                 with contextlib.suppress(FileNotFoundError):
-                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=k, UploadId=upload)
+                    await self._request("cleaning up", k[len(root) :], "abort_multipart_upload", Bucket=bucket, Key=k,
+                                        UploadId=upload)  # fmt: skip
         return len(stale)
+
+    async def _list(self, prefix: str) -> list[Entry]:
+        bucket, root, _ = self.fs.split_path(self.root)
+        root = root.rstrip("/") + "/" if root.strip("/") else ""
+        under = root + prefix.strip("/") + "/"
+        out: list[Entry] = []
+        token: dict[str, Any] = {}
+        while True:
+            try:
+                page = await self._request("listing", prefix.strip("/") + "/", "list_objects_v2", Bucket=bucket,
+                                           Prefix=under, **token)  # fmt: skip
+            except FileNotFoundError:  # no such bucket: nothing under the prefix
+                return out
+            for obj in page.get("Contents", []):
+                k = str(obj["Key"])
+                if k.endswith("/"):
+                    continue  # a folder marker that some tools create, not an object
+                modified = obj.get("LastModified")
+                out.append(Entry(k[len(root) :], int(obj.get("Size") or 0),
+                                 float(modified.timestamp()) if modified else 0.0))  # fmt: skip
+            if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
+                return out
+            token = {"ContinuationToken": str(page["NextContinuationToken"])}
 
     # Named like the builtin, so last: the annotations above mean the builtin ``list``.
     def list(self, prefix: str) -> list[Entry]:
-        # s3fs's find with ``prefix`` is one LIST, without the HEAD that it adds when a folder is empty
-        try:
-            found = self.fs.find(self.root, prefix=prefix.strip("/") + "/", detail=True)
-        except FileNotFoundError:
-            return []
-        return self.entries(prefix, found)
+        """One LIST request per 1,000 objects under ``prefix/`` (each under its own deadline)."""
+        return self._run(self._list(prefix), "listing", prefix.strip("/") + "/")
+
+
+async def _drain(body: Any, view: memoryview, got: list[int]) -> None:
+    """Read ``body`` into ``view`` from ``got[0]`` on until it ends or ``view`` is full (``got[0]``: progress)."""
+    n = len(view)
+    while got[0] < n:
+        chunk = await body.read(min(_READ_CHUNK, n - got[0]))
+        if not chunk:
+            return
+        view[got[0] : got[0] + len(chunk)] = chunk
+        got[0] += len(chunk)
 
 
 def _is_int(v: object) -> bool:
@@ -245,11 +495,15 @@ def _slice(views: list[memoryview], start: int, end: int) -> bytes:
 
 
 def _s3_error(err: BaseException) -> tuple[str | None, int | None]:
-    """The S3 error code and HTTP status behind an s3fs error (botocore's ClientError is its cause)."""
-    cause = err.__cause__
-    response = getattr(cause, "response", None)
-    if not isinstance(response, dict):
-        return None, None
-    code = (response.get("Error") or {}).get("Code")
-    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    return (str(code) if code is not None else None), (int(status) if status is not None else None)
+    """The S3 error code and HTTP status behind an s3fs error (botocore's ClientError somewhere in its causes)."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            break
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            return (str(code) if code is not None else None), (int(status) if status is not None else None)
+        seen = seen.__cause__
+    return None, None

@@ -1,26 +1,37 @@
 """Reading torch pickles without unpickling arbitrary objects: the pickletools scan for the globals a file needs
 (:func:`unsafe_globals`), and the refusal naming each class and the entry that holds it, found by an unpickler that
-rebuilds only the containers and imports nothing."""
+rebuilds only the containers and imports nothing. A torch file is a zip archive: :func:`check_archive` refuses one
+whose members would inflate far beyond its size (a zip bomb) before anything is inflated."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import io
+import os
 import pickle
 import pickletools
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 
 import torch
 
-from ckptkit.errors import CkptkitError, UnsupportedStateError
+from ckptkit.errors import CkptkitError, ImportFormatError, SourceNotFoundError, UnsupportedStateError
 from ckptkit.interop.importers.registry import detect_dict, find_reader
-from ckptkit.state.files import read_torch_file
 
-__all__ = ["GENERIC_HINT", "RefusedPickleError", "load_torch", "refusal", "unsafe_globals"]
+__all__ = [
+    "GENERIC_HINT",
+    "INFLATE_CAP",
+    "INFLATE_FLOOR",
+    "INFLATE_RATIO",
+    "RefusedPickleError",
+    "check_archive",
+    "load_torch",
+    "refusal",
+    "unsafe_globals",
+]
 
 
 class RefusedPickleError(UnsupportedStateError):
@@ -41,34 +52,107 @@ GENERIC_HINT = (
 """How to re-save a file that needs unpickling objects, for any format."""
 
 
-def load_torch(path: str, hint: str | None = GENERIC_HINT) -> Any:
-    """``torch.load(weights_only=True)``; a refusal becomes an error naming the classes and entries needing pickle
-    (``hint=None``: the advice suits the format the file's keys suggest).
+INFLATE_RATIO = 16
+"""A zip archive's compressed members may inflate to this many times the archive's size (torch.save stores its
+members uncompressed, so a torch file inflates to about its own size) ..."""
+INFLATE_FLOOR = 64 << 20
+"""... or to this many bytes, for small archives ..."""
+INFLATE_CAP = 8 << 30
+"""... and never to more than this many bytes, whatever the archive's size."""
+
+
+def check_archive(source: str | IO[bytes] | io.RawIOBase, where: str, size: int | None = None) -> None:
+    """Refuse a zip archive (the format of ``torch.save``) whose members declare more uncompressed bytes than it
+    can hold, before anything is inflated: compressed members may inflate to ``max(INFLATE_FLOOR, INFLATE_RATIO *
+    size)`` bytes and never more than ``INFLATE_CAP``; a stored (uncompressed) member must be as large as it says.
+    Inflation stops at the declared size (Python's zipfile and torch's reader both hold members to it), so this
+    bounds the memory a small file can make an import allocate. Anything that is not a zip archive passes.
+
+    Args:
+        source: a path, or a seekable binary file positioned anywhere (a slice of a DCP data file).
+        where: the file, named in the error.
+        size: the archive's size in bytes (default: the file's).
 
     Raises:
-        RefusedPickleError: the file needs unpickling Python objects (the message names each and its entry).
+        ImportFormatError: the archive would inflate past the limit, or a stored member claims more bytes than it has.
     """
     try:
-        return read_torch_file(path)
-    except UnsupportedStateError as err:
-        refused = refusal(path, _torch_pickle(path), hint)
-        if refused is None:
-            raise
-        raise refused from err
+        if size is None:
+            size = os.path.getsize(source) if isinstance(source, str) else source.seek(0, io.SEEK_END)
+        if not zipfile.is_zipfile(source):
+            return
+        with zipfile.ZipFile(source) as zf:
+            infos = zf.infolist()
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, NotImplementedError):
+        return  # not an archive Python can list: torch's own reader refuses it, having inflated nothing
+    limit = min(INFLATE_CAP, max(INFLATE_FLOOR, INFLATE_RATIO * size))
+    inflated = 0
+    for info in infos:
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise ImportFormatError(f"refusing {where}: its archive member {info.filename!r} is stored uncompressed "
+                                    f"but declares {info.file_size} bytes for {info.compress_size} stored: the "
+                                    "archive is damaged or forged; nothing was read")  # fmt: skip
+        if info.compress_type != zipfile.ZIP_STORED:
+            inflated += info.file_size
+    if inflated > limit:
+        raise ImportFormatError(
+            f"refusing {where}: its compressed archive members declare {inflated} bytes uncompressed from a "
+            f"{size}-byte file, more than the {limit} bytes an import inflates (at most {INFLATE_RATIO}x the file, "
+            f"or {INFLATE_FLOOR >> 20} MiB, and never {INFLATE_CAP >> 30} GiB): a zip bomb or a damaged archive; "
+            "nothing was inflated. torch.save writes archives that inflate to about their own size: re-save it so"
+        )
+
+
+def load_torch(path: str, hint: str | None = GENERIC_HINT) -> Any:
+    """``torch.load(weights_only=True)``, after :func:`check_archive`; a refusal becomes an error naming the classes
+    and entries needing pickle (``hint=None``: the advice suits the format the file's keys suggest).
+
+    Raises:
+        SourceNotFoundError: ``path`` is not a file.
+        ImportFormatError: the archive would inflate far beyond its size, or the file is empty, truncated or not a
+            torch file.
+        RefusedPickleError: the file needs unpickling Python objects (the message names each and its entry).
+        UnsupportedStateError: torch's weights-only unpickler refused it for another reason.
+    """
+    if not os.path.isfile(path):
+        raise SourceNotFoundError(path, "file")
+    check_archive(path, path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ... for what it cannot read
+        # Drop torch's frames now: they hold the pickle it read, which the scan below reads again.
+        failure = err.with_traceback(None)
+    detail = " ".join(str(failure).split()[:40]) or "no message"
+    with _torch_pickle(path) as pkl:
+        refused = refusal(path, pkl, hint)
+    if refused is not None:
+        raise refused from failure
+    if isinstance(failure, pickle.UnpicklingError) and "weights only" in detail.lower():
+        raise UnsupportedStateError(
+            path, "a pickled object", f"torch.load(weights_only=True) refused it ({detail[:300]}); only tensors and "
+            "plain containers are read: re-save it as a state_dict of tensors or as safetensors",
+        ) from failure  # fmt: skip
+    raise ImportFormatError(f"cannot read {path} as a torch file ({type(failure).__name__}: {detail[:300]}): it is "
+                            "empty, truncated or damaged, or was not written by torch.save") from failure  # fmt: skip
 
 
 def _format_hint(fmt: str | None) -> str:
     return (find_reader(fmt).pickle_hint if fmt else "") or GENERIC_HINT
 
 
-def refusal(where: str, data: bytes | None, hint: str | None, entry_prefix: str = "") -> RefusedPickleError | None:
-    """The error for pickle ``data`` (read from ``where``) that needs globals torch's weights-only unpickler does not
-    allow, naming each and the entries (prefixed by ``entry_prefix``) that hold it, or None when the pickle needs
-    none (or cannot be scanned). ``hint=None``: the advice suits the format the pickle's keys suggest."""
+def refusal(
+    where: str, data: bytes | IO[bytes] | None, hint: str | None, entry_prefix: str = ""
+) -> RefusedPickleError | None:
+    """The error for pickle ``data`` (read from ``where``; bytes, or a seekable stream read from where it stands)
+    that needs globals torch's weights-only unpickler does not allow, naming each and the entries (prefixed by
+    ``entry_prefix``) that hold it, or None when the pickle needs none (or cannot be scanned). ``hint=None``: the
+    advice suits the format the pickle's keys suggest."""
     if data is None:
         return None
+    stream = _stream(data)
     try:
-        found = unsafe_globals(data)
+        start = stream.tell()
+        found = unsafe_globals(stream)
     except Exception:  # not a pickle we can scan: keep the original error
         return None
     if not found:
@@ -76,7 +160,8 @@ def refusal(where: str, data: bytes | None, hint: str | None, entry_prefix: str 
     located: dict[str, list[str]] = {}
     root: Any = None
     with contextlib.suppress(Exception):  # locating is a courtesy: naming the class is what matters
-        located, root = _locate(data, set(found))
+        stream.seek(start)
+        located, root = _locate(stream, set(found))
     if hint is None:
         hint = _format_hint(detect_dict(root))
     parts = []
@@ -92,17 +177,22 @@ def refusal(where: str, data: bytes | None, hint: str | None, entry_prefix: str 
     return RefusedPickleError(msg, where, ", ".join(found))
 
 
-def _torch_pickle(path: str) -> bytes | None:
-    """The main pickle of a torch file (``<archive>/data.pkl`` in the zip format; the whole file for the legacy one)."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
+@contextlib.contextmanager
+def _torch_pickle(path: str) -> Iterator[IO[bytes] | None]:
+    """The main pickle of a torch file, as a stream (``<archive>/data.pkl`` in the zip format, inflated as it is
+    read; the whole file for the legacy one), or None. Nothing is read into memory as a whole."""
+    with contextlib.ExitStack() as stack:
+        stream: IO[bytes] | None = None
+        try:
+            if zipfile.is_zipfile(path):
+                zf = stack.enter_context(zipfile.ZipFile(path))
                 pkl = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-                return zf.read(pkl[0]) if pkl else None
-        with open(path, "rb") as f:
-            return f.read()
-    except (OSError, zipfile.BadZipFile):
-        return None
+                stream = stack.enter_context(zf.open(pkl[0])) if pkl else None
+            else:
+                stream = stack.enter_context(open(path, "rb"))
+        except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError):
+            stream = None
+        yield stream
 
 
 @functools.cache
@@ -134,7 +224,11 @@ def _allowed_globals() -> set[str]:
         } | {f"torch._utils.{f}" for f in dir(torch._utils) if f.startswith("_rebuild_")}  # fmt: skip
 
 
-def unsafe_globals(data: bytes) -> list[str]:
+def _stream(data: bytes | IO[bytes]) -> IO[bytes]:
+    return io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def unsafe_globals(data: bytes | IO[bytes]) -> list[str]:
     """Classes and functions a pickle names (``GLOBAL`` / ``STACK_GLOBAL`` opcodes) that torch's weights-only
     unpickler does not allow, in order of first use. Scans the opcodes with :mod:`pickletools`; runs nothing.
 
@@ -150,11 +244,11 @@ def unsafe_globals(data: bytes) -> list[str]:
     """
     allowed = _allowed_globals()
     found: list[str] = []
-    stream = io.BytesIO(data)
+    stream = _stream(data)
     for n in range(5):  # a legacy torch file: magic number, protocol, sys info, the data, storage keys
-        start = stream.tell()
-        if start >= len(data):
+        if not stream.read(1):
             break
+        stream.seek(-1, io.SEEK_CUR)
         try:
             names = _scan_one(stream)
         except Exception:
@@ -176,7 +270,7 @@ def _is_torch_type(g: str) -> bool:
 _MARK = object()
 
 
-def _scan_one(stream: io.BytesIO) -> list[str]:
+def _scan_one(stream: IO[bytes]) -> list[str]:
     """Globals of one pickle, tracking an abstract stack so ``STACK_GLOBAL`` operands (strings pushed earlier,
     possibly through the memo) are known."""
     names: list[str] = []
@@ -272,7 +366,7 @@ class _Locator(pickle.Unpickler):
     subclass named after it (only ``collections.OrderedDict``, a plain container, is real), so the path of a
     refused object inside the file can be reported. No class or function from the file is ever imported."""
 
-    def __init__(self, stream: io.BytesIO) -> None:
+    def __init__(self, stream: IO[bytes]) -> None:
         super().__init__(stream)
         self._types: dict[str, type[_Opaque]] = {}
 
@@ -288,9 +382,9 @@ class _Locator(pickle.Unpickler):
         return self.find_class("torch", "storage")()
 
 
-def _locate(data: bytes, wanted: set[str]) -> tuple[dict[str, list[str]], Any]:
+def _locate(data: bytes | IO[bytes], wanted: set[str]) -> tuple[dict[str, list[str]], Any]:
     """Where each of ``wanted`` sits in the pickle: dotted paths of keys and indices (``hyper_parameters.args``)."""
-    stream = io.BytesIO(data)
+    stream = _stream(data)
     root = _Locator(stream).load()
     if root == _LEGACY_MAGIC:  # legacy torch file: magic number, protocol, sys info, then the data
         _Locator(stream).load()

@@ -6,19 +6,27 @@ from __future__ import annotations
 
 import importlib
 import io
+import math
 import os
 import pickle
-import re
 import warnings
 import zipfile
 from typing import Any
 
 import torch
 
-from ckptkit.errors import ImportFormatError, UnsupportedStateError
+from ckptkit.errors import CkptkitError, ImportFormatError, UnsupportedStateError
+from ckptkit.hashing import is_name
 from ckptkit.interop.importers._common import ImportRecord, as_int, model_meta, scheduler_type, tensor_dict
 from ckptkit.interop.importers._optimizer import check_optimizer_dict, name_optimizer
-from ckptkit.interop.importers._pickle import GENERIC_HINT, RefusedPickleError, refusal, unsafe_globals
+from ckptkit.interop.importers._pickle import (
+    GENERIC_HINT,
+    INFLATE_RATIO,
+    RefusedPickleError,
+    check_archive,
+    refusal,
+    unsafe_globals,
+)
 from ckptkit.state import RNG
 from ckptkit.state.capture import model_component, optimizer_component, state_component
 
@@ -65,6 +73,8 @@ def _dcp_metadata(folder: str) -> Any:
     path = os.path.join(folder, ".metadata")
     with open(path, "rb") as f:
         raw = f.read()
+    if not raw:
+        raise ImportFormatError(f"{path} is empty: {_DAMAGED}")
     try:
         md = _DcpMetadataUnpickler(io.BytesIO(raw)).load()
     except _Refused as err:
@@ -94,7 +104,77 @@ def _dcp_metadata(folder: str) -> Any:
         if not isinstance(rel, str) or os.path.basename(rel) != rel or rel in ("", ".", ".."):
             raise ImportFormatError(f"{path} points at a data file outside the checkpoint folder: {rel!r}; ckptkit "
                                     f"reads only files inside it: {_DAMAGED}")  # fmt: skip
+    _check_storage(folder, path, md)
     return md
+
+
+def _check_storage(folder: str, path: str, md: Any) -> None:
+    """Before DCP reads anything: every record lies inside its data file, no record is an archive that inflates far
+    beyond its size (:func:`check_archive`), and the tensors the metadata declares fit in the data files (they are
+    allocated from the metadata before they are read, so a small forged ``.metadata`` must not allocate terabytes)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    storage = md.storage_data if isinstance(md.storage_data, dict) else {}
+    sizes: dict[str, int] = {}
+    transformed = False
+    for index, info in storage.items():
+        data = os.path.join(folder, info.relative_path)
+        if data not in sizes:
+            if not os.path.isfile(data):
+                raise ImportFormatError(f"{path} names data file {info.relative_path!r}, which is not in {folder}: "
+                                        f"{_DAMAGED}")  # fmt: skip
+            sizes[data] = os.path.getsize(data)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        fqn = getattr(index, "fqn", index)
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0
+                and 0 <= length <= sizes[data] - offset):  # fmt: skip
+            raise ImportFormatError(f"{path}: entry {fqn!r} is stored at bytes {offset!r}+{length!r} of "
+                                    f"{info.relative_path}, which holds {sizes[data]} bytes: {_DAMAGED}")  # fmt: skip
+        if getattr(info, "transform_descriptors", None):
+            transformed = True  # compressed by a DCP extension: not an archive ckptkit can measure
+            continue
+        with open(data, "rb") as f:
+            check_archive(_Slice(f, offset, length), f"{data} (entry {fqn!r})", length)
+    declared = 0
+    for v in md.state_dict_metadata.values():
+        if isinstance(v, TensorStorageMetadata):
+            declared += math.prod(v.size) * torch.empty((), dtype=v.properties.dtype).element_size()
+    room = sum(sizes.values()) * (INFLATE_RATIO if transformed else 1) + (1 << 20)
+    if declared > room:
+        raise ImportFormatError(f"{path} declares {declared} bytes of tensors, but its data files hold "
+                                f"{sum(sizes.values())} bytes: {_DAMAGED}")  # fmt: skip
+
+
+class _Slice(io.RawIOBase):
+    """Bytes ``offset`` to ``offset + length`` of an open file, as a seekable file of their own (a DCP record)."""
+
+    def __init__(self, f: io.BufferedReader, offset: int, length: int) -> None:
+        super().__init__()
+        self._f, self._start, self._len, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = min(max(base + pos, 0), self._len)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._len - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(view[:n])
+        self._pos += got or 0
+        return got or 0
 
 
 def _dcp_load(folder: str, md: Any) -> dict[str, Any]:
@@ -130,9 +210,25 @@ def _dcp_load(folder: str, md: Any) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in md.state_dict_metadata.items():
         flat[k] = torch.empty(tuple(v.size), dtype=v.properties.dtype) if isinstance(v, TensorStorageMetadata) else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming ... a single process"
-        dcp_load(flat, storage_reader=Reader(folder), planner=Planner(flatten_state_dict=False), no_dist=True)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming ... a single process"
+            dcp_load(flat, storage_reader=Reader(folder), planner=Planner(flatten_state_dict=False), no_dist=True)
+    except (CheckpointException, Exception) as err:  # DCP wraps what its reader raised (a BaseException)
+        if errors:
+            raise errors[0] from err
+        causes = [f[0] for f in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+        cause = next((c for c in causes if isinstance(c, (KeyboardInterrupt, CkptkitError))), causes[0] if causes
+                     else err)  # fmt: skip
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause from None
+        if isinstance(cause, CkptkitError):
+            raise cause from err
+        detail = " ".join(str(cause).split()[:40]) or "no message"
+        raise ImportFormatError(f"{folder}: its data files cannot be read ({type(cause).__name__}: {detail[:300]}): "
+                                f"{_DAMAGED}") from err  # fmt: skip
     if errors:
         raise errors[0]
     flat.update(values)
@@ -239,7 +335,7 @@ def read_dcp(imp: ImportRecord, _data: Any, model: torch.nn.Module | None) -> No
     for key, v in sd.items():
         if key in used:
             continue
-        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", key) and key != RNG:
+        if is_name(key) and not key.endswith(".json") and key != RNG:  # the rule every component name follows
             try:
                 imp.components.append(state_component(key, "value", type(v).__name__, v))
                 continue

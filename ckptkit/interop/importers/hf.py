@@ -23,7 +23,7 @@ from ckptkit.schema import ComponentKind
 from ckptkit.state import RNG, Captured
 from ckptkit.state.adapter import get_adapter
 from ckptkit.state.capture import model_component, optimizer_component, state_component
-from ckptkit.state.files import read_torch_file
+from ckptkit.state.files import read_safetensors, read_torch_file
 
 __all__ = ["read_hf_pretrained", "read_hf_trainer"]
 
@@ -43,8 +43,7 @@ def _read_json_object(path: str) -> dict[str, Any]:
 
 
 def _read_hf_weights(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+    load_file = read_safetensors
     files = set(os.listdir(folder))
     for index_name, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", None)):
         if index_name in files:
@@ -72,7 +71,7 @@ def _read_hf_weights(folder: str) -> dict[str, torch.Tensor]:
                                         f"{absent[:5]}; copy the complete shards, or {_RESAVE}")  # fmt: skip
             return out
     if "model.safetensors" in files:
-        return dict(load_file(os.path.join(folder, "model.safetensors")))
+        return read_safetensors(os.path.join(folder, "model.safetensors"))
     if "pytorch_model.bin" in files:
         p = os.path.join(folder, "pytorch_model.bin")
         return tensor_dict(load_torch(p), p)
