@@ -87,6 +87,11 @@ def _configure_s3_from_env() -> None:
 def _saver(url: str) -> None:
     """A training job: resume from the latest checkpoint (if any), then save every step with retention and gc."""
     _configure_s3_from_env()
+    # A gc killed by a trial holds its lock until its lease runs out (120 s by default, docs/format.md); a short
+    # lease here lets the next trial's saves go on, so the trials measure crash safety rather than the lease.
+    import ckptkit.storage.repository
+
+    ckptkit.storage.repository.LOCK_STALE_AFTER = 1.5
     torch.set_num_threads(1)
     model = build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
