@@ -141,3 +141,12 @@ def test_cli_verbs_that_read_manifests_never_import_torch(tmp_path: Path, verb: 
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stderr.strip().splitlines()[-1]) == [], f"`ckptkit {' '.join(verb)}` imported torch"
     assert ("kept 2" if verb[0] == "gc" else "step-00000002") in out.stdout
+
+
+def test_every_subpackage_is_in_the_distribution() -> None:
+    """pyproject lists packages by name: a new folder left out would be missing from a wheel (not from -e)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ckptkit").rglob("__init__.py")}
+    assert found | {"ckptkit.adapters"} <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
