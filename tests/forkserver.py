@@ -123,6 +123,11 @@ class ForkServer:
         step = next(int(x.split()[1]) for x in lines if x.startswith("ready "))
         return pid, step, lines
 
+    def wait_committed(self, lines: list[str]) -> list[str]:
+        """Block until the running saver reports its next commit; ``lines`` plus the lines read (pass them on to
+        :meth:`kill`). For trials that must land after a commit, whatever the machine's speed."""
+        return lines + self._until("committed ")
+
     def kill(self, pid: int, lines: list[str]) -> list[int]:
         """SIGKILL the saver and wait until it is gone; the steps it reported committed."""
         os.kill(pid, signal.SIGKILL)
