@@ -7,6 +7,7 @@ Adapters (``ckptkit.adapters``: HF transformers, timm, detection, fusion) are pl
 from ckptkit.state.adapter import ModelAdapter, find_adapter, get_adapter, register_adapter, registered
 from ckptkit.state.capture import RNG, Captured, Stateful, capture, check_targets, is_data_loader, kind_of
 from ckptkit.state.restore import LoadReport, Saved
+from ckptkit.state.schedulers import advance_scheduler, extend_total, hold_lr, is_held
 
 __all__ = [
     "RNG",
@@ -15,11 +16,15 @@ __all__ = [
     "ModelAdapter",
     "Saved",
     "Stateful",
+    "advance_scheduler",
     "capture",
     "check_targets",
+    "extend_total",
     "find_adapter",
     "get_adapter",
+    "hold_lr",
     "is_data_loader",
+    "is_held",
     "kind_of",
     "register_adapter",
     "registered",

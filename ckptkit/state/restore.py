@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from ckptkit.format import decode
 from ckptkit.schema import ComponentKind, resolve_aliases
 from ckptkit.state.adapter import ModelAdapter, find_adapter, get_adapter
 from ckptkit.state.capture import RNG, Stateful, group_names
+from ckptkit.state.schedulers import HELD_LR_KEY, hold_lr
 
 __all__ = [
     "LoadReport",
@@ -305,10 +306,25 @@ def prepare_stateful(name: str, obj: Stateful, saved: Saved) -> Callable[[], Non
     types, and (for torch's own classes) lists of the same lengths. Any other Stateful object gets the decoded
     state as it is.
 
+    A scheduler saved held at a constant LR (:func:`ckptkit.state.schedulers.hold_lr`, whose state carries
+    ``"ckptkit_held_lr": true``) is loaded without that marker and then held: a freshly built scheduler of the
+    original class comes back held.
+
     Raises:
         ManifestError: the saved state does not decode, or does not fit a scheduler's or scaler's state.
     """
     data = decode(saved.json, saved.tensors, _where(name))
+    held = False
+    if saved.kind == "scheduler" and isinstance(data, dict) and HELD_LR_KEY in data:
+        data = dict(data)
+        held = data.pop(HELD_LR_KEY)
+        if not isinstance(held, bool):
+            raise ManifestError(_where(name), f"state.{HELD_LR_KEY}: expected true or false, found {_describe(held)}")
+        if held and not isinstance(obj, (torch.optim.lr_scheduler.LRScheduler,
+                                         torch.optim.lr_scheduler.ReduceLROnPlateau)):  # fmt: skip
+            raise ManifestError(_where(name), f"state.{HELD_LR_KEY}: the scheduler was saved held at a constant LR, "
+                                              f"which only a torch LR scheduler can be, not a {type(obj).__name__}: "
+                                              "restore it into a torch.optim.lr_scheduler scheduler")  # fmt: skip
     if saved.kind in ("scheduler", "grad_scaler"):
         live = obj.state_dict()
         if isinstance(live, dict) and (live or saved.kind == "scheduler"):  # a disabled GradScaler loads nothing
@@ -319,7 +335,13 @@ def prepare_stateful(name: str, obj: Stateful, saved: Saved) -> Callable[[], Non
                               path="state")  # fmt: skip
             if problem:
                 raise ManifestError(_where(name), problem)
-    return lambda: obj.load_state_dict(data)
+
+    def apply() -> None:
+        obj.load_state_dict(data)
+        if held:
+            hold_lr(cast("torch.optim.lr_scheduler.LRScheduler", obj))
+
+    return apply
 
 
 def restore_stateful(name: str, obj: Stateful, saved: Saved) -> None:
