@@ -1,8 +1,11 @@
 """ckptkit: resumable, continuable, transferable and auditable PyTorch training checkpoints on any storage.
 
-The surface is two levels: a few functions (``save``, ``restore``, ``inspect``, ``verify``, ``transfer``,
-``export``, ``import_from``) and one :class:`CheckpointManager`. Names are imported on first use, so that
-``import ckptkit.storage`` (or the CLI's listing verbs) does not pay for importing torch.
+The surface is two levels: a few functions (``save``, ``restore``, ``checkpoints``, ``inspect``, ``verify``,
+``transfer``, ``export``, ``import_from``, ``import_files``) and one :class:`CheckpointManager`. Every function
+takes a repository as a URL, a local path or an open :class:`~ckptkit.storage.Repository`; the types they
+return (``RestoreResult``, ``TransferPlan``, ...) live in their modules and are reachable here too. Names are
+imported on first use, so that ``import ckptkit.storage`` (or the CLI's listing verbs) does not pay for importing
+torch.
 
 Example:
     >>> import torch, ckptkit
@@ -19,19 +22,21 @@ from typing import TYPE_CHECKING, Any
 from ckptkit.version import __version__
 
 if TYPE_CHECKING:
-    from ckptkit.api import RestoreResult, inspect, restore, save, verify
+    from ckptkit.api import RestoreResult as RestoreResult
+    from ckptkit.api import checkpoints, inspect, restore, save, verify
     from ckptkit.interop.export import export
-    from ckptkit.interop.importers import import_from
-    from ckptkit.interop.transfer import TransferPlan, transfer
+    from ckptkit.interop.importers import import_files, import_from
+    from ckptkit.interop.transfer import TransferPlan as TransferPlan
+    from ckptkit.interop.transfer import transfer
     from ckptkit.manager import CheckpointManager, Retention
 
 __all__ = [
     "CheckpointManager",
-    "RestoreResult",
     "Retention",
-    "TransferPlan",
     "__version__",
+    "checkpoints",
     "export",
+    "import_files",
     "import_from",
     "inspect",
     "restore",
@@ -44,12 +49,14 @@ _WHERE = {
     "CheckpointManager": "ckptkit.manager",
     "Retention": "ckptkit.manager",
     "RestoreResult": "ckptkit.api",
+    "checkpoints": "ckptkit.api",
     "inspect": "ckptkit.api",
     "restore": "ckptkit.api",
     "save": "ckptkit.api",
     "verify": "ckptkit.api",
     "export": "ckptkit.interop.export",
     "import_from": "ckptkit.interop.importers",
+    "import_files": "ckptkit.interop.importers",
     "TransferPlan": "ckptkit.interop.transfer",
     "transfer": "ckptkit.interop.transfer",
 }

@@ -8,6 +8,8 @@ so ``except FileNotFoundError`` keeps working around ckptkit calls.
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AdapterError",
@@ -25,6 +27,7 @@ __all__ = [
     "ManagerClosedError",
     "ManifestError",
     "MissingDependencyError",
+    "NoRestorableCheckpointError",
     "OptimizerMappingError",
     "RepositoryBusyError",
     "SourceFormatError",
@@ -34,6 +37,7 @@ __all__ = [
     "StorageFullError",
     "StorageTimeoutError",
     "UnsupportedStateError",
+    "VerificationError",
 ]
 
 
@@ -264,3 +268,45 @@ def _cwd() -> str:
         return os.getcwd()
     except OSError:  # the working directory was removed
         return "the working directory"
+
+
+class NoRestorableCheckpointError(CkptkitError, OSError):
+    """The repository holds checkpoints, and not one of them can be restored (each is damaged, incomplete or
+    unreadable). Raised instead of starting afresh: ``skipped`` lists each checkpoint tried, with why."""
+
+    def __init__(self, url: str, skipped: list[tuple[str, str]]) -> None:
+        self.url = url
+        self.skipped = list(skipped)
+        shown = "; ".join(f"{n}: {why}" for n, why in self.skipped[:5])
+        more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
+        super().__init__(
+            f"{url} holds {len(self.skipped)} checkpoint(s) and none can be restored: {shown}{more}; run "
+            f"`ckptkit verify {url}` for the damaged files, copy them back from a replica, or start a fresh run "
+            "in another repository (nothing was loaded)"
+        )
+
+
+class VerificationError(CkptkitError, OSError):
+    """:func:`ckptkit.verify` with ``raise_on_error=True`` found damaged checkpoints: a manifest edited after its
+    commit, cut short or unreadable, or an object missing or corrupt. ``url`` is the repository; ``reports`` holds
+    the :class:`~ckptkit.engine.verify.VerifyReport` of every checkpoint checked and ``damaged`` those not ok, each
+    naming its damaged ``files`` and its ``problems``. The message names each damaged checkpoint and file."""
+
+    FIX = ("a restore without a name falls back to the newest checkpoint that is intact; `ckptkit gc` repairs "
+           "nothing (it only deletes objects no checkpoint references); to get a damaged checkpoint back, copy its "
+           "damaged files back from a copy of the repository (a replica or a backup)")  # fmt: skip
+    """How to recover, as the message says it (``ckptkit verify`` prints it too)."""
+
+    def __init__(self, url: str, reports: Sequence[Any]) -> None:
+        self.url = url
+        self.reports = list(reports)
+        self.damaged = [r for r in self.reports if not r.ok]
+        parts = []
+        for r in self.damaged:
+            files = list(r.files)
+            shown = ", ".join(files[:3]) + (f" (and {len(files) - 3} more)" if len(files) > 3 else "")
+            parts.append(f"{r.name} ({shown or r.problems[0]})")
+        super().__init__(
+            f"{len(self.damaged)} of {len(self.reports)} checkpoint(s) in {url} failed verification: "
+            f"{'; '.join(parts)} (each report in .reports lists its problems); {self.FIX}"
+        )

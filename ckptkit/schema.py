@@ -254,11 +254,27 @@ _MIGRATIONS: dict[int, Any] = {}
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:
-    """Parse and validate untrusted manifest bytes; check the id matches the content.
+    """Parse and validate untrusted manifest bytes; check they are the bytes ckptkit committed.
+
+    ckptkit writes a manifest as :func:`canonical_json` of the whole manifest (:func:`dump_manifest`) and never
+    rewrites it, so what is verified is the bytes as stored: they must be exactly the canonical JSON of what they
+    parse to (no whitespace, no ``\\u`` escapes, no other spelling of a number, no trailing newline), with the
+    manifest's fields in the order ckptkit writes them, and the id must be the blake3 of that JSON without the id.
 
     Raises:
         FormatVersionError: written by a newer ckptkit.
-        ManifestError: not JSON, fails validation, or its id does not match its content.
+        ManifestError: not JSON, not the canonical bytes ckptkit committed (edited after the commit), fails
+            validation, or its id does not match its content.
+
+    Example:
+        >>> m = build_manifest(name="a", created_at="2024-01-01T00:00:00Z", hparams={"lr": 1e-08},
+        ...                    environment={"ckptkit": "0", "torch": "2", "python": "3", "platform": "linux"})
+        >>> parse_manifest(dump_manifest(m), "a.json").id == m.id
+        True
+        >>> parse_manifest(dump_manifest(m).replace(b"1e-08", b"1E-08"), "a.json")
+        Traceback (most recent call last):
+        ...
+        ckptkit.errors.ManifestError: invalid manifest a.json: the stored bytes are not the form ckptkit committed ...
     """
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
@@ -271,19 +287,36 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         raise ManifestError(where, f"format_version must be a positive integer, found {version!r}")
     if version > FORMAT_VERSION:
         raise FormatVersionError(where, version, FORMAT_VERSION)
-    # The id covers the bytes as stored (not the validated model re-dumped), so a later ckptkit that adds a
-    # field with a default still verifies manifests written before the field existed.
-    stored_id = data.get("id")
+    # What is verified is the bytes as stored: every ckptkit wrote canonical_json(whole manifest), older format
+    # versions included, so the stored bytes must be that form of what they parse to, byte for byte (json.loads
+    # alone accepts 1E-08 for 1e-08, whitespace, \\u escapes, a trailing newline, UTF-16). Both this check and the
+    # id are taken on the parsed JSON, not on the validated model re-dumped, so a later ckptkit that adds a field
+    # with a default still verifies manifests written before the field existed.
     try:
+        canonical = canonical_json(data)
         actual = manifest_id({k: v for k, v in data.items() if k != "id"})
     except (ValueError, RecursionError) as err:  # 1e400 parses as inf; "\ud800" parses but cannot be UTF-8
         raise ManifestError(where, f"not canonical JSON ({err})") from err
-    if actual != stored_id:
+    stored_id = data.get("id")
+    if actual != stored_id:  # first: an edit of the content says so, whatever else it changed
         raise ManifestError(
             where,
             f"id {stored_id} does not match its content (hash {actual}): the manifest was edited after it was "
             "committed",
         )
+    if canonical != bytes(raw):
+        raise ManifestError(where, _not_as_committed(bytes(raw), canonical))
+    if version == FORMAT_VERSION:  # the id is outside what it hashes: its place is checked here
+        fields = [k for k in data if k in Manifest.model_fields]
+        expected = [k for k in Manifest.model_fields if k in data]
+        if fields != expected:
+            found, moved = next((a, b) for a, b in zip(fields, expected, strict=True) if a != b)
+            raise ManifestError(
+                where,
+                f"the stored bytes are not the form ckptkit committed: field {moved!r} is not where ckptkit writes "
+                f"it (found {found!r} in its place; the order is {', '.join(expected)}); the manifest was edited "
+                "after it was committed",
+            )
     while version < FORMAT_VERSION:
         data = _MIGRATIONS[version](data)
         version = data["format_version"]
@@ -292,6 +325,25 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     except ValidationError as err:
         raise ManifestError(where, _short(err)) from err
     return manifest
+
+
+_VISIBLE = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def _not_as_committed(raw: bytes, canonical: bytes) -> str:
+    """Where stored manifest bytes first differ from the canonical JSON ckptkit wrote, with both excerpts."""
+    pairs = enumerate(zip(raw, canonical, strict=False))
+    at = next((i for i, (a, b) in pairs if a != b), min(len(raw), len(canonical)))
+    lo, hi = max(0, at - 24), at + 24
+
+    def excerpt(b: bytes) -> str:  # as text, control characters visible (a trailing newline shows as \\n)
+        text = b[lo:hi].decode("utf-8", "backslashreplace").translate(_VISIBLE)
+        return "`" + ("..." if lo else "") + text + ("..." if len(b) > hi else "") + "`"
+
+    return (f"the stored bytes are not the form ckptkit committed (canonical JSON: no whitespace, UTF-8 without \\u "
+            f"escapes, each number in one spelling, no trailing newline): they differ at "
+            f"byte {at}, stored {excerpt(raw)}, committed form {excerpt(canonical)}; the manifest was edited after it "
+            "was committed")  # fmt: skip
 
 
 def _reject_constant(name: str) -> Any:

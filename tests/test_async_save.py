@@ -192,14 +192,17 @@ def test_an_edge_set_while_a_save_is_being_written_is_recorded_by_the_next_save(
     mgr.close()
     second = ckptkit.inspect(repo_url, "step-00000002")
     assert second.lineage.relation == verb
-    if verb == "transfer":
-        assert [p.relation for p in second.lineage.parents] == ["transfer"]
-        assert second.lineage.parents[0].id == ckptkit.inspect(source, "donor").id
-        assert "plan" in second.lineage.parents[0].changes
+    first = ckptkit.inspect(repo_url, "step-00000001")
+    if verb == "transfer":  # the weights came from save 1 (still being written at the transfer) and the donor
+        assert [(p.relation, p.name) for p in second.lineage.parents] == [("train", "step-00000001"),
+                                                                           ("transfer", "donor")]  # fmt: skip
+        assert second.lineage.parents[0].id == first.id
+        assert second.lineage.parents[1].id == ckptkit.inspect(source, "donor").id
+        assert "plan" in second.lineage.parents[1].changes
     else:
         assert [(p.relation, p.name) for p in second.lineage.parents] == [("continue", "base")]
-    first = ckptkit.inspect(repo_url, "step-00000001")
-    assert first.lineage.relation == "init"
+    # The model was saved as "base" before this manager existed: its first save follows on from it.
+    assert (first.lineage.relation, first.lineage.parents[0].name) == ("train", "base")
     mgr3 = CheckpointManager(repo_url, {"model": model}, async_save=True, rng=False)
     mgr3.save(3)  # an ordinary save after the edge: `train` from the checkpoint before it
     mgr3.save(4)

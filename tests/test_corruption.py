@@ -414,7 +414,8 @@ def _locations(node: Any, out: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
 @st.composite
 def json_mutations(draw: st.DrawFn, base: bytes) -> bytes:
     """``base`` (JSON) with values replaced by random JSON (NaN and infinities included), keys deleted or
-    added; with the ``id`` recomputed or not, so mutations reach validation and the id check alike."""
+    added; with the ``id`` recomputed or not and written canonically or not, so mutations reach validation, the
+    stored-bytes check and the id check alike."""
     data = json.loads(base)
     for _ in range(draw(st.integers(1, 3))):
         locs = _locations(data, [])
@@ -432,6 +433,9 @@ def json_mutations(draw: st.DrawFn, base: bytes) -> bytes:
         with_id = {k: v for k, v in data.items() if k != "id"}
         with contextlib.suppress(ValueError, RecursionError):  # not canonicalisable (inf): keep the old id
             data["id"] = blake3.blake3(canonical_json(with_id)).hexdigest()
+    if draw(st.booleans()):  # written as ckptkit writes, so that mutations get past the stored-bytes check too
+        with contextlib.suppress(ValueError, RecursionError):
+            return canonical_json(data)
     return json.dumps(data).encode()
 
 

@@ -205,10 +205,14 @@ def verify_cmd(url: str, name: str | None, chain: bool, options: tuple[str, ...]
             bad += 1
             for p in r.problems:
                 click.echo(f"CORRUPT  {r.name}: {p}")
+            for f in r.files:
+                click.echo(f"DAMAGED  {r.name}: file {f}")
     if not reports:
         click.echo(f"no checkpoints in {url}")
     if bad:
-        click.echo(f"{bad} of {len(reports)} checkpoint(s) failed verification", err=True)
+        from ckptkit.errors import VerificationError
+
+        click.echo(f"{bad} of {len(reports)} checkpoint(s) failed verification; {VerificationError.FIX}", err=True)
         sys.exit(1)
 
 
@@ -433,6 +437,31 @@ def import_cmd(src: str, url: str, name: str | None, fmt: str | None, options: t
                f"components {', '.join(m.components)}")  # fmt: skip
     for s in source.get("skipped") or []:  # type: ignore[union-attr]
         click.echo(f"  skipped: {s}")
+
+
+@main.command("import-files")
+@click.argument("url")
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False))
+@click.option("--optimizer", type=click.Path(exists=True, dir_okay=False),
+              help="a torch file of optimizer.state_dict() for the same parameters")  # fmt: skip
+@click.option("--step", default=0, show_default=True, type=click.IntRange(min=0), help="optimizer steps done")
+@click.option("--epoch", default=0, show_default=True, type=click.IntRange(min=0), help="epochs done")
+@click.option("--samples-seen", default=0, show_default=True, type=click.IntRange(min=0), help="samples trained on")
+@click.option("--name", help="checkpoint name (default: import-step-<step>)")
+@_opt
+def import_files_cmd(url: str, weights: str, optimizer: str | None, step: int, epoch: int, samples_seen: int,
+                     name: str | None, options: tuple[str, ...]) -> None:  # fmt: skip
+    """Make a checkpoint in URL of bare files: a WEIGHTS file (torch state_dict or .safetensors), optionally an
+    optimizer file, and how far training had got; `continue_from` then continues it.
+
+    Without a model (the Python function takes one) the optimizer's numbered parameters are named by order only
+    when that is certain; otherwise it is refused and nothing is written."""
+    from ckptkit.interop.importers import import_files
+
+    m = import_files(url, weights, optimizer=optimizer, step=step, epoch=epoch, samples_seen=samples_seen, name=name,
+                     storage_options=_storage(url, options))  # fmt: skip
+    click.echo(f"imported {weights}{' + ' + optimizer if optimizer else ''} as {m.name} ({m.id[:12]}) at step "
+               f"{m.progress.global_step}, epoch {m.progress.epoch}: components {', '.join(m.components)}")  # fmt: skip
 
 
 @main.command("schema")

@@ -9,7 +9,7 @@ import logging
 import os
 from typing import Any
 
-from ckptkit.errors import CheckpointNotFoundError, InvalidArgumentError, ManifestError
+from ckptkit.errors import ArgumentTypeError, CheckpointNotFoundError, InvalidArgumentError, ManifestError
 from ckptkit.schema import Manifest, parse_manifest, resolve_aliases
 from ckptkit.storage import Repository
 
@@ -29,8 +29,25 @@ RepoLike = str | os.PathLike[str] | Repository
 """Where a repository is: a URL, a local path, or an open :class:`~ckptkit.storage.Repository`."""
 
 
-def open_repository(repo: RepoLike, storage_options: dict[str, Any] | None = None) -> Repository:
-    """A :class:`Repository` for a URL or path (or the repository itself)."""
+def open_repository(
+    repo: RepoLike, storage_options: dict[str, Any] | None = None, *, param: str = "repo"
+) -> Repository:
+    """A :class:`Repository` for a URL or a local path (``str`` or ``os.PathLike``, e.g. a ``pathlib.Path``), or
+    the open repository itself. ``param`` is the caller's name for the argument, for the error message.
+
+    Raises:
+        ArgumentTypeError: (a ``TypeError``) ``repo`` is none of those.
+        InvalidArgumentError: (a ``ValueError``) ``storage_options`` given with an open repository, or an empty URL.
+
+    Example:
+        >>> from pathlib import Path
+        >>> open_repository(Path("/tmp/doc-open")).url
+        '/tmp/doc-open'
+        >>> open_repository(42, param="source")
+        Traceback (most recent call last):
+        ...
+        ckptkit.errors.ArgumentTypeError: source must be a URL, a local path (str or os.PathLike) or an open ...
+    """
     if isinstance(repo, Repository):
         if storage_options:
             raise InvalidArgumentError(
@@ -38,7 +55,11 @@ def open_repository(repo: RepoLike, storage_options: dict[str, Any] | None = Non
                 "drop storage_options"
             )
         return repo
-    return Repository(repo, storage_options)
+    url = os.fspath(repo) if isinstance(repo, os.PathLike) else repo
+    if not isinstance(url, str):  # an int, None, bytes, a bytes path ...
+        raise ArgumentTypeError(f"{param} must be a URL, a local path (str or os.PathLike) or an open "
+                                f"ckptkit.storage.Repository, got {type(repo).__name__} ({repo!r:.80})")  # fmt: skip
+    return Repository(url, storage_options)
 
 
 def read_manifest(r: Repository, name: str) -> Manifest:

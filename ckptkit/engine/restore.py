@@ -18,6 +18,7 @@ from ckptkit.errors import (
     CorruptObjectError,
     IncompleteCheckpointError,
     ManifestError,
+    NoRestorableCheckpointError,
     StateMismatchError,
 )
 from ckptkit.format import decode
@@ -82,7 +83,12 @@ def restore_state(
     r: Repository, state: Mapping[str, object], name: str | None = None, *, strict: bool = True, rng: bool = True
 ) -> RestoreResult:
     """Restore checkpoint ``name`` (the latest that can be read when ``None``) into ``state``; see
-    :func:`ckptkit.restore`."""
+    :func:`ckptkit.restore`.
+
+    Raises:
+        CheckpointNotFoundError: the repository holds no checkpoint (or none named ``name``).
+        NoRestorableCheckpointError: ``name=None``, it holds checkpoints, and none can be restored.
+    """
     check_targets(state)
     skipped: list[tuple[str, str]] = []
     if name is not None:
@@ -91,15 +97,19 @@ def restore_state(
         found, skipped = scan(r)
         candidates = found[::-1]
         if not candidates:
-            raise CheckpointNotFoundError(r.url, None, [n for n, _ in skipped])
+            if skipped:  # checkpoints exist and none parses: never a silent fresh start
+                raise NoRestorableCheckpointError(r.url, skipped)
+            raise CheckpointNotFoundError(r.url, None)
     for i, manifest in enumerate(candidates):
         wanted = _check_components(manifest, state, strict, rng)
         try:
             tensors = load_tensors(r, manifest, wanted)  # reads and verifies every object before loading anything
             plan = _prepare(manifest, state, tensors, wanted, strict, rng)  # decodes and checks every component
         except (CorruptObjectError, IncompleteCheckpointError, ManifestError) as err:
-            if name is not None or i == len(candidates) - 1:
+            if name is not None:
                 raise
+            if i == len(candidates) - 1:
+                raise NoRestorableCheckpointError(r.url, [*skipped, (manifest.name, str(err))]) from err
             log.warning("restore: skipping %s: %s", manifest.name, err)
             skipped.append((manifest.name, str(err)))
             continue

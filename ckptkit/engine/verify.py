@@ -15,12 +15,18 @@ __all__ = ["VerifyReport", "verify_repository"]
 
 @dataclass
 class VerifyReport:
-    """Result of :func:`verify` for one checkpoint; ``problems`` is empty when it is intact."""
+    """Result of :func:`~ckptkit.verify` for one checkpoint; ``problems`` is empty when it is intact.
+
+    ``files`` names each damaged file, once, in the order found: the manifest
+    (``<repo>/checkpoints/<name>.json``) when it is missing, cannot be read or parsed, was edited after its commit
+    or points nowhere, and each object that is missing, corrupt or lacks a tensor the manifest places in it.
+    """
 
     name: str
     objects: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -42,12 +48,17 @@ def verify_repository(r: Repository, name: str | None = None) -> list[VerifyRepo
     for n in names:
         rep = VerifyReport(n)
         reports.append(rep)
+        manifest_file = f"{r.url}/checkpoints/{n}.json"  # as read_manifest names it in its errors
         try:
             manifest = read_manifest(r, n)
         except (ManifestError, CheckpointNotFoundError) as err:
             rep.problems.append(str(err))
+            rep.files.append(manifest_file)
             continue
-        rep.problems.extend(reference_problems(manifest))
+        dangling = reference_problems(manifest)
+        rep.problems.extend(dangling)
+        if dangling:
+            rep.files.append(manifest_file)
         for h, info in manifest.objects.items():
             rep.objects += 1
             rep.bytes += info.size
@@ -57,4 +68,6 @@ def verify_repository(r: Repository, name: str | None = None) -> list[VerifyRepo
             problem = contents if isinstance(contents, str) else placement_problem(r, manifest, h, contents)
             if problem:
                 rep.problems.append(problem)
+                if r.object_path(h) not in rep.files:
+                    rep.files.append(r.object_path(h))
     return reports

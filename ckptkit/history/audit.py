@@ -9,8 +9,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptkit.engine.manifests import RepoLike
 from ckptkit.history.chain import ChainReport, verify_chain
-from ckptkit.history.graph import History, history
+from ckptkit.history.graph import History, Index, history
 
 __all__ = ["Audit", "audit", "render_html", "render_text"]
 
@@ -47,10 +48,16 @@ class Audit:
         return list(latest.values())
 
 
-def audit(url: str, name: str | None = None, *, storage_options: dict[str, Any] | None = None) -> Audit:
-    """Gather the history of checkpoint ``name`` (the latest when None), verify it, and collect its metrics."""
-    h = history(url, name, storage_options=storage_options)
-    report = Audit(url, h, verify_chain(url, name, storage_options=storage_options))
+def audit(url: RepoLike, name: str | None = None, *, storage_options: dict[str, Any] | None = None) -> Audit:
+    """Gather the history of checkpoint ``name`` (the latest when None), verify it, and collect its metrics.
+
+    Args:
+        url: the repository: URL, local path or open :class:`~ckptkit.storage.Repository`.
+        storage_options: for the URLs the walk opens (an open Repository keeps its own).
+    """
+    r = Index(storage_options).add(url)
+    h = history(r, name, storage_options=storage_options)
+    report = Audit(r.url, h, verify_chain(r, name, storage_options=storage_options))
     # x is the position in the history, oldest first: steps restart in a fine-tune's own repository
     chronological = sorted(h.nodes, key=lambda n: (n.manifest.created_at, n.manifest.progress.global_step))
     for i, n in enumerate(chronological, start=1):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptkit.engine.manifests import RepoLike
 from ckptkit.engine.tensors import check_object
 from ckptkit.history.graph import Index, history
 
@@ -26,17 +27,22 @@ class ChainReport:
 
 
 def verify_chain(
-    url: str,
+    url: RepoLike,
     name: str | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ChainReport:
     """Verify a checkpoint and every ancestor: each manifest hashes to its id, each parent link matches, and
-    every object of a checkpoint that still has its objects hashes to its name."""
-    h = history(url, name, storage_options=storage_options)
-    report = ChainReport()
+    every object of a checkpoint that still has its objects hashes to its name.
+
+    Args:
+        url: the repository: URL, local path or open :class:`~ckptkit.storage.Repository`.
+        storage_options: for the URLs the walk opens (an open Repository keeps its own).
+    """
     index = Index(storage_options)
+    h = history(index.add(url), name, storage_options=storage_options)
+    report = ChainReport()
     checked: dict[tuple[str, str], str | None] = {}
     for n in h.nodes:
         key = f"{n.url} {n.manifest.name}"

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptkit.engine.manifests import open_repository
-from ckptkit.history.graph import Node, history
+from ckptkit.engine.manifests import RepoLike, open_repository
+from ckptkit.history.graph import Index, Node, history
 from ckptkit.schema import parse_manifest
 from ckptkit.storage import Repository
 
@@ -28,8 +28,8 @@ class CopyReport:
 
 
 def copy(
-    src: str,
-    dst: str,
+    src: RepoLike,
+    dst: RepoLike,
     names: list[str] | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -38,14 +38,23 @@ def copy(
 ) -> CopyReport:
     """Copy checkpoints (all when ``names`` is None) from ``src`` to ``dst``, sending only the objects ``dst``
     lacks, verified on the way; the manifests of their ancestors in ``src`` are archived in ``dst`` so the
-    history stays whole. ``progress(done_bytes, total_bytes)`` is called as objects are copied."""
-    rs = open_repository(src, storage_options)
-    rd = open_repository(dst, dst_storage_options if dst_storage_options is not None else storage_options)
+    history stays whole. ``progress(done_bytes, total_bytes)`` is called as objects are copied.
+
+    Args:
+        src, dst: the repositories: each a URL, local path or open :class:`~ckptkit.storage.Repository`.
+        storage_options: for ``src`` and the URLs its history reaches, and for ``dst`` unless
+            ``dst_storage_options`` is given (an open Repository keeps its own).
+    """
+    rs = Index(storage_options).add(src, "src")
+    if isinstance(dst, Repository) or dst_storage_options is not None:
+        rd = open_repository(dst, dst_storage_options, param="dst")
+    else:
+        rd = open_repository(dst, storage_options, param="dst")
     report = CopyReport()
     heads = []
     for n in names if names is not None else rs.list():
         raw = rs.read_manifest(n)
-        heads.append((n, raw, parse_manifest(raw, f"{rs.url}/checkpoints/{n}.json")))
+        heads.append((n, raw, parse_manifest(raw, f"{rs.url}/checkpoints/{n}.json")))  # the bytes that are copied
     sizes: dict[str, int] = {}
     for _, _, m in heads:
         for h, info in m.objects.items():
@@ -73,13 +82,13 @@ def copy(
                 rd.commit(n, raw)
                 report.checkpoints.append(n)
             except FileExistsError:
-                if parse_manifest(rd.read_manifest(n), n).id != m.id:
+                if parse_manifest(rd.read_manifest(n), f"{rd.url}/checkpoints/{n}.json").id != m.id:
                     raise
                 report.skipped.append(n)
     copied = {m.id for _, _, m in heads}
     for n, _, _ in heads:
-        for node in history(src, n, storage_options=storage_options).nodes[1:]:
-            if node.url == src and node.id not in copied and rd.read_archived(node.id) is None:
+        for node in history(rs, n, storage_options=storage_options).nodes[1:]:
+            if node.url == rs.url and node.id not in copied and rd.read_archived(node.id) is None:
                 rd.archive(node.id, _raw(rs, node))
                 report.ancestors_archived += 1
     return report

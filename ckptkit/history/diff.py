@@ -8,9 +8,10 @@ from typing import Any, Literal
 
 import torch
 
-from ckptkit.engine.manifests import latest_manifest, open_repository
+from ckptkit.engine.manifests import RepoLike, latest_manifest
 from ckptkit.engine.tensors import load_tensors
 from ckptkit.errors import InvalidArgumentError
+from ckptkit.history.graph import Index
 
 __all__ = ["Diff", "TensorChange", "diff"]
 
@@ -42,14 +43,20 @@ def _dict_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Any]]:
 
 
 def diff(
-    url_a: str, name_a: str | None, url_b: str, name_b: str | None, *, component: str | None = None,
+    url_a: RepoLike, name_a: str | None, url_b: RepoLike, name_b: str | None, *, component: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Diff:  # fmt: skip
     """Compare two checkpoints: per tensor of the model component, and their hparams, metrics and data.
 
     Tensors stored in the same object under the same key are unchanged without being read.
+
+    Args:
+        url_a, url_b: the repositories: each a URL, local path or open :class:`~ckptkit.storage.Repository`.
+        name_a, name_b: the checkpoints (``None``: the latest).
+        storage_options: for the URLs among them (an open Repository keeps its own).
     """
-    ra, rb = open_repository(url_a, storage_options), open_repository(url_b, storage_options)
+    index = Index(storage_options)
+    ra, rb = index.add(url_a, "url_a"), index.add(url_b, "url_b")
     ma, mb = latest_manifest(ra, name_a), latest_manifest(rb, name_b)
     out = Diff()
     dump_a, dump_b = ma.model_dump(mode="json"), mb.model_dump(mode="json")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptkit.engine.manifests import latest_manifest, open_repository, read_manifest
+from ckptkit.engine.manifests import RepoLike, latest_manifest, open_repository, read_manifest
 from ckptkit.errors import CheckpointNotFoundError, ManifestError
 from ckptkit.schema import Manifest, parse_manifest
 from ckptkit.storage import Repository
@@ -60,6 +60,12 @@ class Index:
             self.repos[url] = open_repository(url, self.options)
         return self.repos[url]
 
+    def add(self, repo: RepoLike, param: str = "url") -> Repository:
+        """The repository ``repo`` (a URL, a local path or an open Repository, which is used as it is: the
+        storage options are for the other repositories a walk reaches), known from now on by its URL."""
+        r = repo if isinstance(repo, Repository) else open_repository(repo, self.options, param=param)
+        return self.repos.setdefault(r.url, r)
+
     def scan(self, url: str) -> dict[str, tuple[Manifest, bool]]:
         if url not in self.by_id:
             r = self.repo(url)
@@ -88,13 +94,22 @@ class Index:
         raw = r.read_archived(id_)
         if raw is None:
             raise CheckpointNotFoundError(url, name or id_)
-        return parse_manifest(raw, f"{r.url}/lineage/{id_}.json"), True
+        where = f"{r.url}/lineage/{id_}.json"
+        m = parse_manifest(raw, where)
+        if m.id != id_:  # parse_manifest checked it against its content; this checks it is the one asked for
+            raise ManifestError(where, f"it holds manifest {m.id} ({m.name!r}), not {id_}: an archived manifest was "
+                                       "copied or renamed outside ckptkit")  # fmt: skip
+        return m, True
 
 
 def history(
-    url: str, name: str | None = None, *, storage_options: dict[str, Any] | None = None, limit: int = 100_000
+    url: RepoLike, name: str | None = None, *, storage_options: dict[str, Any] | None = None, limit: int = 100_000
 ) -> History:
     """Every ancestor of checkpoint ``name`` (the latest when None), across repositories, newest first.
+
+    Args:
+        url: the repository: URL, local path or open :class:`~ckptkit.storage.Repository`.
+        storage_options: for the URLs the walk opens (an open Repository keeps its own).
 
     Example:
         >>> import torch, ckptkit
@@ -104,9 +119,10 @@ def history(
         [('step-00000002', 'train'), ('step-00000001', 'init')]
     """
     index = Index(storage_options)
-    head = latest_manifest(index.repo(url), name)
+    r = index.add(url)
+    head = latest_manifest(r, name)
     out = History()
-    todo: list[tuple[Manifest, str, bool]] = [(head, url, False)]
+    todo: list[tuple[Manifest, str, bool]] = [(head, r.url, False)]
     seen: set[str] = set()
     while todo and len(out.nodes) < limit:
         m, where, archived = todo.pop()

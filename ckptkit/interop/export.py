@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from ckptkit.engine.manifests import latest_manifest, open_repository
+from ckptkit.engine.manifests import RepoLike, latest_manifest, open_repository
 from ckptkit.engine.tensors import load_tensors
 from ckptkit.errors import DestinationNotEmptyError, InvalidArgumentError
 from ckptkit.state.adapter import get_adapter
@@ -18,7 +18,7 @@ PROVENANCE = "ckptkit.json"
 
 
 def export(
-    repo: str,
+    repo: RepoLike,
     dest: str,
     name: str | None = None,
     *,
@@ -31,6 +31,16 @@ def export(
     ``model.safetensors`` that ``timm.create_model(arch, pretrained=True,
     pretrained_cfg_overlay=dict(file=...))`` loads, torchvision detectors a ``model.pth`` state dict, fusion
     models one folder per branch. Returns the files written.
+
+    Args:
+        repo: the repository: URL, local path or open :class:`~ckptkit.storage.Repository`.
+        dest: the folder to write (a new or empty one).
+        name: the checkpoint (default: the latest).
+        component: the model component to export, when the checkpoint holds several.
+
+    Raises:
+        ArgumentTypeError: ``repo`` is not a URL, a local path or an open Repository.
+        DestinationNotEmptyError: ``dest`` already holds files (nothing is written).
 
     Example:
         >>> import torch, ckptkit, tempfile

@@ -23,10 +23,11 @@ from typing import Any, Literal
 
 import torch
 
-from ckptkit.engine.manifests import latest_manifest, open_repository
+from ckptkit.engine.manifests import RepoLike, latest_manifest, open_repository
+from ckptkit.engine.provenance import Origin, add_origin
 from ckptkit.engine.tensors import load_tensors
 from ckptkit.errors import AdapterError, InvalidArgumentError, SourceFormatError, StateMismatchError
-from ckptkit.schema import Manifest
+from ckptkit.schema import Manifest, Parent
 from ckptkit.state.adapter import ModelAdapter, find_adapter, get_adapter
 from ckptkit.state.files import read_tensor_file
 
@@ -137,15 +138,24 @@ class Source:
 
 
 def read_source(
-    source: str, name: str | None = None, component: str | None = None, storage_options: dict[str, Any] | None = None
+    source: RepoLike,
+    name: str | None = None,
+    component: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Source:
-    """Load weights from a checkpoint repository (``name``, default latest), an exported folder (HF
-    ``save_pretrained``, timm or ckptkit export) or a weights file."""
-    if os.path.isfile(source):
-        return Source(read_tensor_file(source), source)
-    if os.path.isdir(source) and not os.path.isdir(os.path.join(source, "checkpoints")):
-        return _read_folder(source)
-    r = open_repository(source, storage_options)
+    """Load weights from a checkpoint repository (``name``, default latest: a URL, a local path or an open
+    :class:`~ckptkit.storage.Repository`), an exported folder (HF ``save_pretrained``, timm or ckptkit export) or a
+    weights file (a path, ``str`` or ``os.PathLike``).
+
+    Raises:
+        ArgumentTypeError: ``source`` is none of those types.
+    """
+    path = os.fspath(source) if isinstance(source, os.PathLike) else source  # an open Repository stays one
+    if isinstance(path, str) and os.path.isfile(path):
+        return Source(read_tensor_file(path), path)
+    if isinstance(path, str) and os.path.isdir(path) and not os.path.isdir(os.path.join(path, "checkpoints")):
+        return _read_folder(path)
+    r = open_repository(path, storage_options, param="source")
     m = latest_manifest(r, name)
     models = [n for n, c in m.components.items() if c.kind == "model"]
     comp = component or (models[0] if len(models) == 1 else None)
@@ -183,7 +193,7 @@ def _read_folder(folder: str) -> Source:
 
 
 def transfer(
-    source: str,
+    source: RepoLike,
     model: torch.nn.Module,
     *,
     name: str | None = None,
@@ -198,8 +208,8 @@ def transfer(
     """Load what fits from ``source`` into ``model``; leave the rest as the model initialised it.
 
     Args:
-        source: a repository URL (with ``name``, default the latest, and ``component`` when it holds several
-            models), an exported folder, or a weights file.
+        source: a repository: URL, local path or open Repository (with ``name``, default the latest, and
+            ``component`` when it holds several models); or an exported folder or a weights file (a local path).
         include, exclude: globs on target keys (``"encoder.*"``); excluded tensors keep their fresh values.
         key_map: declarative target -> source key patterns, ``{}`` capturing (``{"text.{}": "{}"}``).
         reset_heads: re-initialise the task heads the model's adapter names (timm's classifier, an HF
@@ -207,7 +217,9 @@ def transfer(
         strict: raise :class:`StateMismatchError` unless every included target tensor is loaded.
 
     Returns:
-        The per-tensor :class:`TransferPlan`.
+        The per-tensor :class:`TransferPlan`. The next save of ``model`` (into any repository, by any API, also
+        one created after this call) records lineage ``transfer`` with this plan and the source's data segments;
+        several transfers into one model before a save (the branches of a fusion model) become several parents.
     """
     src = read_source(source, name, component, storage_options)
     adapter: ModelAdapter = find_adapter(model)
@@ -253,7 +265,21 @@ def transfer(
             "evaluate on the old task if it still matters"
         )
     log.info("%s", plan)
+    _record(model, plan, src)
     return plan
+
+
+def _record(model: torch.nn.Module, plan: TransferPlan, src: Source) -> None:
+    """The next save of ``model`` records this transfer: a ``transfer`` parent with the plan (or, for files and
+    folders that are no checkpoint, the plan as its source), and the data the loaded tensors were trained on."""
+    changes: dict[str, Any] = {"plan": plan.to_json(), "warnings": list(plan.warnings)}
+    if src.manifest is not None:
+        changes["source_data"] = [seg.model_dump(mode="json") for seg in src.manifest.data]
+    if plan.source_id is not None:
+        parent = Parent(id=plan.source_id, relation="transfer", name=plan.source_name, changes=changes)
+        add_origin(model, Origin("transfer", (parent,), plan.source_url))
+    else:
+        add_origin(model, Origin("transfer", source={"transfers": [{"path": plan.source, **changes}]}))
 
 
 def fresh_model(manifest: Manifest, component: str = "model") -> torch.nn.Module:

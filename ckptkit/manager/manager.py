@@ -35,7 +35,19 @@ import torch
 
 from ckptkit.engine.commit import commit_captured
 from ckptkit.engine.gc import collect_garbage
-from ckptkit.engine.manifests import RepoLike, list_manifests, open_repository
+from ckptkit.engine.manifests import RepoLike, latest_manifest, list_manifests, open_repository
+from ckptkit.engine.provenance import (
+    Edge,
+    Origin,
+    lineage_for,
+    merge_segments,
+    models_of,
+    origin_of,
+    relation_of,
+    restored,
+    saved,
+    set_origin,
+)
 from ckptkit.engine.restore import RestoreResult, restore_state
 from ckptkit.errors import (
     ArgumentTypeError,
@@ -48,15 +60,22 @@ from ckptkit.errors import (
 from ckptkit.format import DEFAULT_OBJECT_SIZE
 from ckptkit.hashing import check_name, file_hash
 from ckptkit.interop.transfer import TransferPlan, transfer
-from ckptkit.manager.continuing import apply_changes, check_continue, hparams_diff
+from ckptkit.manager.continuing import (
+    Position,
+    SchedulePolicy,
+    apply_changes,
+    check_continue,
+    hparams_diff,
+    keep_hyperparameters,
+    user_changes,
+)
 from ckptkit.manager.lineage import RunLineage, jsonable
 from ckptkit.manager.retention import Retention
 from ckptkit.manager.snapshot import Snapshotter
 from ckptkit.manager.writer import Writer, track
 from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, parse_manifest
 from ckptkit.state import LoadReport, capture, check_targets, is_data_loader
-from ckptkit.state.files import load_model_tensors, read_tensor_file, read_torch_file
-from ckptkit.training.schedule import Policy
+from ckptkit.state.files import check_optimizer_file, prepare_model_tensors, read_tensor_file, read_torch_file
 
 __all__ = ["CheckpointManager"]
 
@@ -141,6 +160,7 @@ class CheckpointManager:
         self.run = uuid.uuid4().hex
         self.restored_from: str | None = None
         self.segments: builtins.list[DataSegment] = [data] if data else []
+        self._inherited: builtins.list[DataSegment] = []  # segments the weights saw before this run's restore
         self._segment_base = 0  # samples seen when the current data segment began
         self.async_save = bool(async_save)
         self._snapshots = Snapshotter() if async_save else None
@@ -176,19 +196,29 @@ class CheckpointManager:
         """Restore a checkpoint into the managed objects.
 
         With ``name=None`` it restores the latest (or, with ``which="best"``, the best) checkpoint, and returns
-        ``None`` when the repository has none, so the same line starts a fresh run or resumes one.
+        ``None`` only when the repository holds no checkpoint, so the same line starts a fresh run or resumes one.
+        A damaged latest checkpoint is passed over for the newest one that restores (``result.skipped`` says
+        why). The next save records lineage ``resume``.
+
+        Raises:
+            NoRestorableCheckpointError: checkpoints exist and none can be restored (each one tried is listed
+                with why): a run never starts afresh silently.
         """
         self._check_open()
         if name is None:
-            # The latest is found by restore() itself, so it can fall back past a corrupt one.
-            target = self.best() if which == "best" else self.latest()
-            if target is None:
-                return None
-            name = target.name if which == "best" else None
+            if not self.repo.list():
+                return None  # an empty repository: a fresh run
+            if which == "best":
+                best = self.best()
+                name = best.name if best is not None else None
+        # Without a name, restore_state tries the newest first and falls back past a damaged one; when checkpoints
+        # exist and none can be restored it raises NoRestorableCheckpointError (never a silent fresh start).
         result = restore_state(self.repo, self.state, name, strict=strict, rng=self.rng)
         m = result.manifest
         self.restored_from = m.name
         self._lineage.set("resume", [Parent(id=m.id, relation="resume", name=m.name)])
+        restored(self.state, m, self.repo.url, "resume", by=self.run)
+        self._inherited = []
         if m.data:
             self.segments = list(m.data)
             self._segment_base = m.progress.samples_seen - m.data[-1].samples_consumed
@@ -199,60 +229,91 @@ class CheckpointManager:
         self,
         name: str | None = None,
         *,
-        schedule: Policy | None = None,
+        schedule: SchedulePolicy | None = None,
         total_steps: int | None = None,
         warmup_steps: int = 0,
         lr: float | None = None,
         optimizer_hparams: Mapping[str, Any] | None = None,
         hparams: Mapping[str, Any] | None = None,
         new_data: DataSegment | None = None,
+        changes: Mapping[str, Any] | None = None,
+        position: Position = "step",
+        rng: bool = False,
         strict: bool = True,
     ) -> RestoreResult:
         """Continue training from a checkpoint (the latest when ``name`` is None), with changes made explicit.
 
         Restores the checkpoint, then applies the changes and records them: the next save's lineage edge is
-        ``continue``, with what changed. More epochs: a new ``total_steps`` with a ``schedule`` policy. New data
-        of the same problem: ``new_data=DataSegment(...)``; data-loader components then start at the beginning
-        of the new data instead of restoring their position. A changed batch size: build the loader with the
-        new size; its position is kept in samples. New optimizer hyperparameters: ``lr`` and
+        ``continue``, with what changed. New data of the same problem: ``new_data=DataSegment(...)``; data-loader
+        components then start at the beginning of the new data instead of restoring their position, and the
+        checkpoints list the new segment after the ones the weights already saw. A changed batch size: build the
+        loader with the new size; its position is kept in samples. New optimizer hyperparameters: ``lr`` and
         ``optimizer_hparams`` (applied to every param group).
 
         Args:
-            schedule: re-plan a :class:`~ckptkit.training.PlannedLR` by ``"extend"``, ``"restart"`` or
-                ``"constant"`` up to ``total_steps``.
+            schedule: what happens to the LR scheduler(s), any torch scheduler or a ckptkit ``PlannedLR``:
+                ``"keep"`` (the default): restored as saved; a checkpoint without scheduler state (bare files,
+                imports) moves the freshly built scheduler to the checkpoint's ``position``, so its LR equals
+                that of a scheduler that stepped the whole way. ``"restart"``: the scheduler and optimizer
+                hyperparameters you built for this run are kept, only the optimizer's state tensors are
+                restored (a ``PlannedLR`` given ``total_steps`` appends a fresh warmup and decay instead).
+                ``"extend"``: restored and stretched to ``total_steps`` with no LR jump (``PlannedLR``,
+                ``CosineAnnealingLR``, ...). ``"constant"``: restored, then the LR in effect (or ``lr``) is held.
+            total_steps: the new end of the schedule, in scheduler steps (``extend``; ``PlannedLR`` re-plans).
+            warmup_steps: the warmup of a ``PlannedLR`` restart.
+            position: what a scheduler with no saved state counts: ``"step"`` (optimizer steps, the checkpoint's
+                ``global_step``) or ``"epoch"`` (``progress.epoch``).
             hparams: the run's new hyperparameters, recorded with their diff against the checkpoint's.
+            changes: free-form notes recorded in the edge beside what ckptkit applied (``{"reason": ...}``).
+            rng: also restore process RNG state (off by default: a continued run is a new run).
 
         Raises:
             CheckpointNotFoundError: nothing to continue from.
-            ValueError: a schedule policy without a ``PlannedLR`` to re-plan, or without ``total_steps``.
+            InvalidArgumentError: options that do not fit together or the state (checked before anything is
+                restored).
         """
         self._check_open()
-        planned = check_continue(self.state, schedule, total_steps, new_data)
+        plan = check_continue(self.state, schedule, total_steps, warmup_steps, lr, new_data, position)
+        if changes is not None:
+            user_changes({}, changes, self.state)  # checked before anything is restored
         if name is None:
             latest = self.latest()
             if latest is None:
                 raise CheckpointNotFoundError(self.repo.url, None)
             name = latest.name
-        targets = {n: o for n, o in self.state.items() if not (new_data is not None and is_data_loader(o))}
-        result = restore_state(self.repo, targets, name, strict=strict, rng=self.rng)
+        saved_m = latest_manifest(self.repo, name)
+        fresh = {n for n in plan.schedulers if plan.fresh(n, saved_m)}  # left as built: not restored
+        targets = {n: o for n, o in self.state.items()
+                   if n not in fresh and not (new_data is not None and is_data_loader(o))}  # fmt: skip
+        built = keep_hyperparameters(self.state)
+        result = restore_state(self.repo, targets, name, strict=strict, rng=rng)
         m = result.manifest
-        changes = apply_changes(self.state, m, planned=planned, schedule=schedule, total_steps=total_steps,
-                                warmup_steps=warmup_steps, lr=lr, optimizer_hparams=optimizer_hparams,
-                                new_data=new_data)  # fmt: skip
+        if plan.schedule == "restart" and not plan.replan:  # as built for this run; the state tensors restored
+            for opt, groups in built:
+                for g, hp in zip(opt.param_groups, groups, strict=True):
+                    g.update(hp)
+        for n in self.state:
+            if n not in targets:
+                result.reports.pop(n, None)
+        found = apply_changes(self.state, m, plan, built=built, warmup_steps=warmup_steps, lr=lr,
+                              optimizer_hparams=optimizer_hparams, new_data=new_data)  # fmt: skip
         if hparams is not None:
-            changes["hparams"] = hparams_diff(m.hparams, hparams)
+            found["hparams"] = hparams_diff(m.hparams, hparams)
             self.hparams = dict(hparams)
         else:
             self.hparams = {**m.hparams, **self.hparams}
+        recorded = jsonable(user_changes(found, changes, self.state))
         self.segments = list(m.data)
+        self._inherited = []
         if new_data is not None:
             self.segments.append(new_data)
             self._segment_base = m.progress.samples_seen
         elif m.data:
             self._segment_base = m.progress.samples_seen - m.data[-1].samples_consumed
         self.restored_from = m.name
-        self._lineage.set("continue", [Parent(id=m.id, relation="continue", name=m.name, changes=jsonable(changes))])
-        log.info("continuing from %s (step %d): %s", m.name, m.progress.global_step, changes or "no changes")
+        self._lineage.set("continue", [Parent(id=m.id, relation="continue", name=m.name, changes=recorded)])
+        restored(self.state, m, self.repo.url, "continue", recorded, by=self.run)
+        log.info("continuing from %s (step %d): %s", m.name, m.progress.global_step, found or "no changes")
         return result
 
     def start_from_files(
@@ -263,21 +324,32 @@ class CheckpointManager:
         ``weights`` is a ``.safetensors`` file or a torch file of tensors (read with
         ``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped).
         ``optimizer`` is a torch file of an optimizer ``state_dict()`` for the same parameters in the same order.
-        Nothing is unpickled beyond tensors and plain containers. The next save records lineage ``import``.
+        Nothing is unpickled beyond tensors and plain containers. Both files are read and checked against the
+        live objects before either is loaded, so a refused file leaves the model and optimizer as they were. The
+        next save records lineage ``import``. To make a checkpoint of the files (with their step and epoch) that
+        ``continue_from`` can use, see :func:`ckptkit.import_files`.
         """
         self._check_open()
         comp, target = self._model("start_from_files", model)
         tensors = read_tensor_file(weights)
-        report = load_model_tensors(comp, target, tensors, strict)
-        source: dict[str, Any] = {"weights": weights, "weights_blake3": file_hash(weights)}
+        opt_target: torch.optim.Optimizer | None = None
+        osd: dict[str, Any] | None = None
         if optimizer is not None:
             opts = [o for o in self.state.values() if isinstance(o, torch.optim.Optimizer)]
             if len(opts) != 1:
                 raise InvalidArgumentError(f"start_from_files(optimizer=...) needs one optimizer component, the "
                                            f"state has {len(opts)}")
-            opts[0].load_state_dict(read_torch_file(optimizer))
+            opt_target = opts[0]
+            osd = check_optimizer_file(optimizer, read_torch_file(optimizer), opt_target)
+        report, load = prepare_model_tensors(comp, target, tensors, strict)  # checks keys and shapes; loads nothing
+        load()
+        source: dict[str, Any] = {"weights": weights, "weights_blake3": file_hash(weights)}
+        if opt_target is not None and osd is not None and optimizer is not None:
+            opt_target.load_state_dict(osd)
             source.update(optimizer=optimizer, optimizer_blake3=file_hash(optimizer))
         self._lineage.set("import", [], source)
+        set_origin(models_of(self.state).values(), Origin("import", source=source, by=self.run))
+        self._inherited = []
         return report
 
     def transfer_from(
@@ -298,24 +370,14 @@ class CheckpointManager:
         :func:`ckptkit.interop.transfer`. The next save's lineage is ``transfer``, with the per-tensor plan; several
         calls before a save (the branches of a fusion model) become several parents."""
         self._check_open()
-        comp, target = self._model("transfer_from", model)
+        _, target = self._model("transfer_from", model)
         plan = transfer(
             source, target, name=name, component=component, include=include, exclude=exclude,
             key_map=key_map, reset_heads=reset_heads, strict=strict, storage_options=storage_options,
         )  # fmt: skip
-        changes = jsonable({"into": comp, "plan": plan.to_json(), "warnings": plan.warnings})
-        run = self._lineage
-        parents = run.parents if run.relation == "transfer" else []
-        if plan.source_id is not None:
-            url = plan.source_url if plan.source_url and plan.source_url != self.repo.url else None
-            parent = Parent(id=plan.source_id, relation="transfer", name=plan.source_name, url=url, changes=changes)
-            run.set("transfer", [*parents, parent], run.source if parents else None)
-        else:  # a foreign folder or file: no checkpoint id to chain to; recorded as the source
-            earlier = (run.source or {}).get("transfers", []) if run.relation == "transfer" else []
-            run.set("transfer", parents, {"transfers": [*list(earlier), {"path": source, **changes}]})
         for w in plan.warnings:
             log.warning("%s", w)
-        return plan
+        return plan  # transfer() recorded the edge on the model: the next save writes it (see _foreign_edge)
 
     def _model(self, verb: str, name: str | None) -> tuple[str, torch.nn.Module]:
         """The model component ``name``, or the only one."""
@@ -342,10 +404,21 @@ class CheckpointManager:
         samples_seen: int = 0,
         metrics: Mapping[str, float] | None = None,
         data: builtins.list[DataSegment] | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        parents: builtins.list[Parent] | None = None,
         force: bool = False,
         name: str | None = None,
     ) -> Manifest | None:
         """Save a checkpoint if ``step`` is due (or ``force``); then apply retention.
+
+        Args:
+            data: data segments read since the last save, listed after those the weights already saw.
+            hparams: recorded in this checkpoint on top of the manager's.
+            parents: the lineage edge's parents, overriding the one the manager and the models' origins give.
+
+        The lineage edge follows the models: after this manager's ``restore``/``continue_from``/
+        ``transfer_from``/``start_from_files``, or ``ckptkit.restore``/``ckptkit.transfer`` into the same model
+        objects (also before this manager was created), the save records where the weights came from.
 
         Returns the committed manifest, or None when the step was not due. With ``async_save=True`` it returns
         None as soon as the state is copied to host memory; :meth:`wait` returns the manifest once committed.
@@ -357,22 +430,45 @@ class CheckpointManager:
             return None
         name = check_name(name or self.name_format.format(step=step, epoch=epoch))
         self.wait()  # one save in flight: its lineage is this one's parent, and its buffers are reused
-        lineage = self._lineage.edge(self._last)  # decided here, on the caller's thread, never by the writer
-        if data is None and self.segments:
+        # Decided here, on the caller's thread, never by the writer.
+        edge = self._foreign_edge()
+        if parents is not None:
+            lineage = Lineage(relation=relation_of(parents), parents=list(parents), run=self.run)
+        elif edge is not None:
+            lineage = edge.lineage
+        else:
+            lineage = self._lineage.edge(self._last)
+        if edge is not None:
+            self._inherited = merge_segments(self._inherited, edge.data)
+        if self.segments:
             consumed = max(0, samples_seen - self._segment_base)
             self.segments[-1] = self.segments[-1].model_copy(update={"samples_consumed": consumed})
-            data = list(self.segments)
+        segments = merge_segments(merge_segments(self._inherited, self.segments), data or [])
         progress = Progress(epoch=epoch, global_step=step, step_in_epoch=step_in_epoch, samples_seen=samples_seen)
+        extra = dict(hparams or {})
         captured = capture(self.state, rng=self.rng)
         self._lineage.saved()
+        models = models_of(self.state).values()
         if self._snapshots is None:
-            return self._commit(captured, name, progress, metrics, data, lineage)
+            manifest = self._commit(captured, name, progress, metrics, segments, lineage, extra)
+            saved(models, self.repo.url, manifest, by=self.run)
+            return manifest
         snapshot = self._snapshots.take(captured)
         metrics = dict(metrics or {})
         if self._writer is None:
             self._writer = Writer(self.writer_nice)
             track(self)
-        self._inflight = self._writer.submit(self._commit, snapshot, name, progress, metrics, data, lineage)
+        self._inflight = self._writer.submit(self._commit, snapshot, name, progress, metrics, segments, lineage, extra)
+        saved(models, self.repo.url, self._inflight, by=self.run)
+        return None
+
+    def _foreign_edge(self) -> Edge | None:
+        """The edge the models' origins give, when one of them was set outside this manager since its last save
+        (``ckptkit.restore``, ``ckptkit.transfer``, another manager, a save elsewhere); None otherwise."""
+        for model in models_of(self.state).values():
+            o = origin_of(model)
+            if o is not None and o.by != self.run and o.relation != "init":
+                return lineage_for(self.state, self.repo.url, self.run)
         return None
 
     def _commit(
@@ -383,9 +479,10 @@ class CheckpointManager:
         metrics: Mapping[str, float] | None,
         data: builtins.list[DataSegment] | None,
         lineage: Lineage,
+        hparams: Mapping[str, Any] | None = None,
     ) -> Manifest:
         manifest = commit_captured(self.repo, captured, name, progress=progress, metrics=metrics,
-                                   hparams=self.hparams, data=data, lineage=lineage,
+                                   hparams={**self.hparams, **(hparams or {})}, data=data, lineage=lineage,
                                    object_size=self.object_size)  # fmt: skip
         self._last = manifest
         if self.retention is not None:

@@ -36,12 +36,15 @@ from ckptkit.interop.importers.registry import FORMATS
 
 if TYPE_CHECKING:
     from ckptkit.interop.importers._pickle import RefusedPickleError, unsafe_globals
+    from ckptkit.interop.importers.files import import_files
     from ckptkit.interop.importers.pipeline import detect_format, import_from
 
-__all__ = ["FORMATS", "ImportFormatError", "RefusedPickleError", "detect_format", "import_from", "unsafe_globals"]
+__all__ = ["FORMATS", "ImportFormatError", "RefusedPickleError", "detect_format", "import_files", "import_from",
+           "unsafe_globals"]  # fmt: skip
 
 _WHERE = {
     "import_from": "ckptkit.interop.importers.pipeline",
+    "import_files": "ckptkit.interop.importers.files",
     "detect_format": "ckptkit.interop.importers.pipeline",
     "RefusedPickleError": "ckptkit.interop.importers._pickle",
     "unsafe_globals": "ckptkit.interop.importers._pickle",

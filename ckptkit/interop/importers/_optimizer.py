@@ -5,6 +5,7 @@ no-decay, timm's optimizer factory), naming by order without a model, and the po
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -172,11 +173,15 @@ def name_optimizer(
     where: str,
     model: torch.nn.Module | None,
     tensors: Mapping[str, torch.Tensor],
+    *,
+    positional: bool = True,
 ) -> Captured:
-    """Optimizer state keyed by name: by the given model (checked), else by order (unique fit), else by position.
+    """Optimizer state keyed by name: by the given model (checked), else by order (unique fit), else (with
+    ``positional``) by position.
 
     Raises:
-        OptimizerMappingError: ``model`` is given and no way of grouping its parameters, or several, fit the state.
+        OptimizerMappingError: ``model`` is given and no way of grouping its parameters, or several, fit the state;
+            or, without ``positional``, no model is given and the order does not name them with certainty.
     """
     if model is not None:
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -191,6 +196,13 @@ def name_optimizer(
             "model.parameters(); pass model= to check against the model itself)"
         )
         return optimizer_component(cname, osd, inferred)
+    if not positional:
+        raise OptimizerMappingError(
+            f"cannot name the parameters of the optimizer state in {where}: the file keys them by number, and "
+            "without a model only a single parameter group whose state shapes fit the weights' tensors in exactly "
+            "one order can be named; pass model= (an instance of the architecture: its parameter names are checked "
+            "against the saved state), or import the weights without the optimizer file"
+        )
     imp.notes.append(
         f"{cname}: parameters keyed by position (param_groups[g][i]): the file does not name them and no model was "
         "given to name them; a restore into a live optimizer needs the parameter names, so re-import with model= (an "
@@ -245,7 +257,13 @@ def timm_groupings(model: torch.nn.Module) -> list[tuple[str, Grouping]]:
     groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=nwd)
     out = [("timm weight-decay groups", [[by_id[id(p)] for p in g["params"]] for g in groups])]
     try:
-        layered = timm_optim.param_groups_layer_decay(model, 1.0, no_weight_decay_list=nwd, layer_decay=0.5)
+        quiet = logging.getLogger(timm_optim.param_groups_layer_decay.__module__)
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "has no effect" on a model without layers: this grouping just won't fit
+        try:
+            layered = timm_optim.param_groups_layer_decay(model, 1.0, no_weight_decay_list=nwd, layer_decay=0.5)
+        finally:
+            quiet.setLevel(level)
         out.append(("timm layer-decay groups", [[by_id[id(p)] for p in g["params"]] for g in layered]))
     except Exception:  # models without a group_matcher: this grouping does not apply
         pass

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ckptkit.engine.commit import commit_captured
-from ckptkit.engine.manifests import open_repository
+from ckptkit.engine.manifests import RepoLike, open_repository
 from ckptkit.errors import CheckpointExistsError, ImportFormatError, SourceNotFoundError
 from ckptkit.hashing import check_name
 from ckptkit.interop.importers._common import ImportRecord, describe
@@ -23,7 +23,7 @@ __all__ = ["detect_format", "import_from"]
 
 def import_from(
     src: str,
-    repo: str,
+    repo: RepoLike,
     name: str | None = None,
     *,
     format: str | None = None,
@@ -34,7 +34,7 @@ def import_from(
 
     Args:
         src: the checkpoint file or folder on local disk.
-        repo: repository URL (any fsspec URL).
+        repo: the repository: URL (any fsspec URL), local path or open :class:`~ckptkit.storage.Repository`.
         name: checkpoint name; by default derived from ``src`` (``checkpoint-500``, ``last`` ...).
         format: one of :data:`~ckptkit.interop.importers.FORMATS`; ``None`` detects it.
         storage_options: passed to fsspec for ``repo``.
@@ -47,6 +47,7 @@ def import_from(
         The committed manifest; ``manifest.lineage.source`` records where it came from.
 
     Raises:
+        ArgumentTypeError: ``repo`` is not a URL, a local path or an open Repository.
         SourceNotFoundError: ``src`` does not exist.
         UnsupportedStateError: a file needs unpickling an arbitrary object (the message names the class and entry).
         ImportFormatError: the layout is not one of the formats, or does not hold what its format promises.
@@ -64,13 +65,13 @@ def import_from(
         >>> m.name, m.lineage.source["format"], sorted(m.components)
         ('last', 'lightning', ['model', 'optimizer'])
     """
+    r = open_repository(repo, storage_options)  # a repo of the wrong type fails before anything is read
     path = os.path.abspath(os.fspath(src))
     if format is not None:
         find_reader(format)  # an unknown name fails before anything is read
     if not os.path.exists(path):
         raise SourceNotFoundError(path, "checkpoint file or folder")
     name = check_name(name if name is not None else _default_name(path))
-    r = open_repository(repo, storage_options)
     if name in r.list():  # fail before reading gigabytes; the commit checks again
         raise CheckpointExistsError(r.url, name)
     fmt, data = _open(path, format)
