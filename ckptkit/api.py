@@ -54,7 +54,7 @@ def save(
     """Save ``state`` as checkpoint ``name``: objects first, manifest last (the commit).
 
     Args:
-        repo: repository URL (any fsspec URL) or an open :class:`Repository`.
+        repo: repository URL (any fsspec URL), local path, or an open :class:`Repository`.
         state: components by name: models, optimizers, schedulers, grad scalers, any object with
             ``state_dict()``/``load_state_dict()``, or JSON-able values.
         name: checkpoint name (letters, digits, ``.``, ``_``, ``-``); an existing name is an error.

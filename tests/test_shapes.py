@@ -337,6 +337,16 @@ def test_continue_checks_its_options_before_it_restores_anything(tmp_path: Path)
         with pytest.raises(InvalidArgumentError, match=match):
             mgr.continue_from(**kwargs)
     assert all(torch.equal(m2.state_dict()[k], v) for k, v in before.items())
+    cosine = str(tmp_path / "cosine")
+    model, opt, sched = _setup("cosine")
+    _steps(model, opt, sched, 6)
+    ckptkit.save(cosine, {"model": model, "optimizer": opt, "scheduler": sched}, "a")
+    m3, o3, s3 = _setup("cosine")
+    before = {k: v.clone() for k, v in m3.state_dict().items()}
+    with pytest.raises(InvalidArgumentError, match="after the current step 6"):
+        CheckpointManager(cosine, {"model": m3, "optimizer": o3, "scheduler": s3}).continue_from(
+            schedule="extend", total_steps=5)
+    assert all(torch.equal(m3.state_dict()[k], v) for k, v in before.items()) and s3.last_epoch == 0
 
 
 def test_continue_restores_process_rng_only_when_asked(tmp_path: Path) -> None:

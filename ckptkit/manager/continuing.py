@@ -46,6 +46,19 @@ class ContinuePlan:
     schedulers: dict[str, Any]  # every scheduler component
     replan: dict[str, PlannedLR]  # PlannedLR components that re-plan themselves to total_steps
 
+    def check_against(self, saved: Manifest) -> None:
+        """Refuse a new total that does not lie ahead of a restored scheduler's saved position."""
+        if self.total_steps is None:
+            return
+        for n in self.schedulers:
+            c = saved.components.get(n)
+            at = c.state.get("last_epoch") if c is not None and isinstance(c.state, dict) else None
+            if isinstance(at, int) and not isinstance(at, bool) and self.total_steps <= at and not self.fresh(n, saved):
+                raise InvalidArgumentError(
+                    f"continue_from(total_steps={self.total_steps}): scheduler {n!r} of checkpoint {saved.name!r} "
+                    f"is at step {at}; give a total after the current step {at}"
+                )
+
     def fresh(self, name: str, saved: Manifest) -> bool:
         """Whether scheduler ``name`` is left as the caller built it (not restored from ``saved``)."""
         return name not in saved.components or (self.schedule == "restart" and name not in self.replan)

@@ -282,6 +282,7 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(self.repo.url, None)
             name = latest.name
         saved_m = latest_manifest(self.repo, name)
+        plan.check_against(saved_m)  # a total behind the saved position is refused before anything is restored
         fresh = {n for n in plan.schedulers if plan.fresh(n, saved_m)}  # left as built: not restored
         targets = {n: o for n, o in self.state.items()
                    if n not in fresh and not (new_data is not None and is_data_loader(o))}  # fmt: skip
