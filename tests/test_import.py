@@ -14,6 +14,8 @@ import os
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -119,6 +121,11 @@ def test_hf_trainer_checkpoint(hf_run: dict[str, Any], tmp_path: Path, keep_rng:
     skipped = src["skipped"]
     assert isinstance(skipped, dict) and "TrainingArguments" in str(skipped["training_args.bin"])
     assert "rng_state.pth" not in skipped
+    # The command line says why too, as the API records it.
+    cli = subprocess.run([sys.executable, "-m", "ckptkit.cli", "import", str(ckpt), str(tmp_path / "cli")],
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert "skipped training_args.bin: " in cli.stdout and "TrainingArguments" in cli.stdout, cli.stdout
     state = m.hparams["hf_trainer_state"]
     assert isinstance(state, dict) and state["global_step"] == 2
 

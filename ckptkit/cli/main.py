@@ -435,8 +435,11 @@ def import_cmd(src: str, url: str, name: str | None, fmt: str | None, options: t
     source = m.lineage.source or {}
     click.echo(f"imported {src} as {m.name} ({m.id[:12]}), format {source.get('format')}: "
                f"components {', '.join(m.components)}")  # fmt: skip
-    for s in source.get("skipped") or []:  # type: ignore[union-attr]
-        click.echo(f"  skipped: {s}")
+    skipped = source.get("skipped") or {}
+    for entry, why in (skipped.items() if isinstance(skipped, dict) else ((str(e), "") for e in skipped)):  # type: ignore[union-attr]
+        click.echo(f"  skipped {entry}: {why}" if why else f"  skipped {entry}")
+    for note in source.get("notes") or []:  # type: ignore[union-attr]
+        click.echo(f"  note: {note}")
 
 
 @main.command("import-files")

@@ -175,9 +175,11 @@ def name_optimizer(
     tensors: Mapping[str, torch.Tensor],
     *,
     positional: bool = True,
+    order_is_parameter_order: bool = True,
 ) -> Captured:
-    """Optimizer state keyed by name: by the given model (checked), else by order (unique fit), else (with
-    ``positional``) by position.
+    """Optimizer state keyed by name: by the given model (checked), else by order (unique fit; only when the order of
+    ``tensors`` is the model's parameter order, ``order_is_parameter_order``), else (with ``positional``) by
+    position.
 
     Raises:
         OptimizerMappingError: ``model`` is given and no way of grouping its parameters, or several, fit the state;
@@ -188,7 +190,7 @@ def name_optimizer(
         groups, how = match_grouping(osd, _model_groupings(model, osd), shapes, where)
         imp.notes.append(f"{cname}: parameters named by the given model ({how}), checked against the saved state")
         return optimizer_component(cname, osd, groups)
-    inferred = _infer_by_order(osd, tensors)
+    inferred = _infer_by_order(osd, tensors) if order_is_parameter_order else None
     if inferred is not None:
         imp.notes.append(
             f"{cname}: parameters named by order: the optimizer has one group, and exactly one ordered choice of the "

@@ -9,6 +9,7 @@ import io
 import math
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from typing import Any
@@ -242,6 +243,22 @@ def _dcp_load(folder: str, md: Any) -> dict[str, Any]:
     return root
 
 
+def _one_writer(md: Any) -> bool:
+    """Whether one rank wrote the checkpoint (its data files all ``__0_<n>.distcp``): only then does the metadata
+    list the tensors in the order of the state dict saved. With several ranks, DCP spreads replicated tensors over
+    the ranks and lists them in write order."""
+    infos = getattr(md, "storage_data", None)
+    if not isinstance(infos, dict) or not infos:
+        return False
+    ranks = set()
+    for info in infos.values():
+        found = re.fullmatch(r"__(\d+)_\d+\.distcp", str(getattr(info, "relative_path", "")))
+        if found is None:
+            return False
+        ranks.add(found.group(1))
+    return len(ranks) == 1
+
+
 def _zip_pickle(raw: bytes) -> bytes | None:
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
@@ -320,7 +337,16 @@ def read_dcp(imp: ImportRecord, _data: Any, model: torch.nn.Module | None) -> No
             # optimizer.state_dict(): positions; DCP turned the state's integer keys into strings
             osd = {**osd, "state": {(int(k) if isinstance(k, str) and k.isdigit() else k): v
                                     for k, v in osd["state"].items()}}  # fmt: skip
-            imp.components.append(name_optimizer(imp, "optimizer", osd, f"{folder} entry {okey!r}", model, tensors))
+            ordered = _one_writer(md)
+            if not ordered and model is None:
+                imp.notes.append(
+                    "optimizer: written by several ranks, so DCP lists the model's tensors in write order, not "
+                    "parameter order; its numbered parameters are not named by that order (it would swap state "
+                    "between same-shaped parameters): pass model= to name them, or save with "
+                    "torch.distributed.checkpoint.state_dict.get_state_dict (keyed by name)"
+                )
+            imp.components.append(name_optimizer(imp, "optimizer", osd, f"{folder} entry {okey!r}", model, tensors,
+                                                 order_is_parameter_order=ordered))  # fmt: skip
     skey = next((k for k in _DCP_SCHED if isinstance(sd.get(k), dict)), None)
     if skey is not None:
         used.add(skey)
