@@ -73,3 +73,39 @@ def test_two_rank_dcp_optimizer_without_a_model_is_never_named_by_write_order(
     state = model.state_dict()
     ref_model = build()
     assert state.keys() == ref_model.state_dict().keys()
+
+
+def test_cli_import_names_the_optimizer_by_a_model_spec(two_rank_folder: Path, tmp_path: Path) -> None:
+    repo = str(tmp_path / "repo")
+    out = subprocess.run([sys.executable, "-m", "ckptkit.cli", "import", str(two_rank_folder), repo,
+                          "--model", "dcp_writer:build"], cwd=Path(__file__).parent,
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ckptkit.restore(repo, {"model": model, "optimizer": opt}, rng=False)
+    ref = torch.load(f"{two_rank_folder}-ref.pt", weights_only=True)
+    assert all(torch.equal(got, ref["state"][i]["exp_avg"]) for i, got in enumerate(_moments(opt, model)))
+    for spec, says in (("nonsense", "timm:NAME"), ("timm:no_such_model_xyz", "no model"),
+                       ("torchvision:resnet18,bogus=1", "bogus"), ("hf:" + str(tmp_path), "config.json")):  # fmt: skip
+        bad = subprocess.run([sys.executable, "-m", "ckptkit.cli", "import", str(two_rank_folder),
+                              str(tmp_path / "other"), "--model", spec],
+                             capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+        assert bad.returncode == 2 and bad.stderr.startswith("error:") and says in bad.stderr, (spec, bad.stderr)
+    assert not (tmp_path / "other").exists() or ckptkit.api.checkpoints(str(tmp_path / "other")) == []
+
+
+def test_model_specs_build_fresh_models(tmp_path: Path) -> None:
+    from transformers import BertConfig
+
+    from ckptkit.interop.model_spec import build_model, parse_spec
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               architectures=["BertForSequenceClassification"]).save_pretrained(tmp_path)  # fmt: skip
+    assert type(build_model(f"hf:{tmp_path},num_labels=4")).__name__ == "BertForSequenceClassification"
+
+    assert parse_spec("timm:resnet18,num_classes=10,drop_rate=0.1") == (
+        "timm", "resnet18", {"num_classes": 10, "drop_rate": 0.1})
+    assert build_model("timm:test_resnet,num_classes=5").get_classifier().out_features == 5  # type: ignore[operator,union-attr]
+    assert build_model("torchvision:fasterrcnn_resnet50_fpn,num_classes=3").roi_heads.box_predictor.cls_score.out_features == 3  # type: ignore[union-attr]
+    assert isinstance(build_model("torch.nn:Linear,in_features=2,out_features=3"), torch.nn.Linear)

@@ -364,7 +364,16 @@ def timm_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     clean = out / "clean.pth.tar"
     torch.save(ckpt, clean)
     CheckpointSaver(model, opt, checkpoint_dir=str(no_args), recovery_dir=str(no_args)).save_checkpoint(3)
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=0.9)
+    ema.update(model)
+    with_ema = out / "with-ema"
+    with_ema.mkdir()
+    CheckpointSaver(model, opt, model_ema=ema, checkpoint_dir=str(with_ema),
+                    recovery_dir=str(with_ema)).save_checkpoint(3)  # fmt: skip
     return {
+        "with_ema": with_ema / "last.pth.tar",
         "model": model,
         "with_args": with_args / "last.pth.tar",
         "clean": clean,
@@ -377,6 +386,32 @@ def test_timm_checkpoint_with_args_is_refused(timm_ckpts: dict[str, Any], tmp_pa
         import_from(str(timm_ckpts["with_args"]), str(tmp_path / "repo"))
     msg = str(err.value)
     assert "argparse.Namespace" in msg and "entry 'args'" in msg and "clean_checkpoint" in msg
+
+
+def test_timm_checkpoint_with_ema_restores_model_ema_and_optimizer_in_one_call(
+    timm_ckpts: dict[str, Any], tmp_path: Path
+) -> None:
+    """timm's CheckpointSaver with ModelEmaV3: the optimizer is named without a component prefix (one model in
+    the file), and a restore of model, EMA and optimizer together (names prefixed: two models) must still match."""
+    import timm
+    from timm.optim import create_optimizer_v2
+
+    path = timm_ckpts["with_ema"]
+    saved = torch.load(path, weights_only=True)
+    repo = str(tmp_path / "repo")
+    # Saved without args, the file names no timm architecture: model= names the parameters.
+    m = import_from(str(path), repo, model=timm.create_model("test_resnet", pretrained=False, num_classes=5))
+    assert set(m.components) >= {"model", "model_ema", "optimizer"}
+    assert "fc.weight" in str(m.components["optimizer"].state)  # named as with one model: no component prefix
+    fresh = timm.create_model("test_resnet", pretrained=False, num_classes=5)
+    ema = timm.create_model("test_resnet", pretrained=False, num_classes=5)
+    opt = create_optimizer_v2(fresh, "adamw", lr=1e-3, weight_decay=0.05)
+    res = ckptkit.restore(repo, {"model": fresh, "model_ema": ema, "optimizer": opt}, rng=False)
+    assert all(r.ok for r in res.reports.values()), res.reports
+    assert all(_same(ema.state_dict()[k], v) for k, v in saved["state_dict_ema"].items())
+    restored = opt.state_dict()
+    for i, s in saved["optimizer"]["state"].items():
+        assert _same(restored["state"][i]["exp_avg"], s["exp_avg"])
 
 
 def test_timm_checkpoint(timm_ckpts: dict[str, Any], tmp_path: Path) -> None:
@@ -611,3 +646,26 @@ def test_pickle_scan_finds_globals_without_running_them(tmp_path: Path) -> None:
         import_from(str(path), str(tmp_path / "repo"))
     assert f"entry 'meta.hook' needs {_MKDIR}" in str(err.value)
     assert not marker.exists()
+
+
+def test_optimizer_saved_beside_one_model_restores_beside_two(tmp_path: Path) -> None:
+    """Parameter names carry the component prefix only when the state holds several models: a checkpoint of
+    {model, optimizer} restores into {model, ema, optimizer} (and back) with every moment where it belongs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    ckptkit.save(one, {"model": model, "optimizer": opt}, "a", rng=False)
+    ckptkit.save(two, {"model": model, "ema": torch.nn.Linear(4, 2), "optimizer": opt}, "a", rng=False)
+    for src, state_models in ((one, ("model", "ema")), (two, ("model",))):
+        fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        fopt = torch.optim.AdamW(fresh.parameters())
+        state: dict[str, Any] = {"model": fresh, "optimizer": fopt}
+        if "ema" in state_models:
+            state["ema"] = torch.nn.Linear(4, 2)
+        res = ckptkit.restore(src, state, rng=False, strict=src == two)  # `one` has no ema to restore
+        assert res.reports["optimizer"].ok
+        for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+            assert torch.equal(opt.state[p]["exp_avg"], fopt.state[q]["exp_avg"])

@@ -423,15 +423,21 @@ def export_cmd(url: str, dest: str, name: str | None, component: str | None, opt
 @click.argument("name", required=False)
 @click.option("--format", "fmt", help="the source's layout (default: detected)",
               type=click.Choice(FORMATS))  # fmt: skip
+@click.option("--model", "model_spec", metavar="SPEC",
+              help="the architecture, to name optimizer parameters: timm:NAME, hf:CONFIG_DIR, torchvision:NAME or "
+                   "pkg.module:factory, with ,key=value arguments (e.g. timm:resnet18,num_classes=10)")  # fmt: skip
 @_opt
-def import_cmd(src: str, url: str, name: str | None, fmt: str | None, options: tuple[str, ...]) -> None:
+def import_cmd(src: str, url: str, name: str | None, fmt: str | None, model_spec: str | None,
+               options: tuple[str, ...]) -> None:  # fmt: skip
     """Import a foreign checkpoint SRC (HF folder, Trainer checkpoint, Lightning, timm, mmdet, DCP) into URL.
 
     Nothing is unpickled but tensors and plain containers; a file that needs more is refused, naming the
-    entry and the class."""
+    entry and the class. Files that do not say which model they hold (DCP, Lightning, mmdet, timm without args)
+    name their optimizer's parameters by --model."""
     from ckptkit.interop.importers import import_from
 
-    m = import_from(src, url, name, format=fmt, storage_options=_storage(url, options))
+    model = _spec_model(model_spec)
+    m = import_from(src, url, name, format=fmt, storage_options=_storage(url, options), model=model)
     source = m.lineage.source or {}
     click.echo(f"imported {src} as {m.name} ({m.id[:12]}), format {source.get('format')}: "
                f"components {', '.join(m.components)}")  # fmt: skip
@@ -440,6 +446,17 @@ def import_cmd(src: str, url: str, name: str | None, fmt: str | None, options: t
         click.echo(f"  skipped {entry}: {why}" if why else f"  skipped {entry}")
     for note in source.get("notes") or []:  # type: ignore[union-attr]
         click.echo(f"  note: {note}")
+
+
+def _spec_model(spec: str | None) -> Any:
+    """The model a --model SPEC names (None without one); see :mod:`ckptkit.interop.model_spec`."""
+    if spec is None:
+        return None
+    from ckptkit.interop.model_spec import build_model
+
+    if os.getcwd() not in sys.path:  # pkg.module:factory is found from the current directory, as `python -m` does
+        sys.path.insert(0, os.getcwd())
+    return build_model(spec)
 
 
 @main.command("import-files")
@@ -451,18 +468,20 @@ def import_cmd(src: str, url: str, name: str | None, fmt: str | None, options: t
 @click.option("--epoch", default=0, show_default=True, type=click.IntRange(min=0), help="epochs done")
 @click.option("--samples-seen", default=0, show_default=True, type=click.IntRange(min=0), help="samples trained on")
 @click.option("--name", help="checkpoint name (default: import-step-<step>)")
+@click.option("--model", "model_spec", metavar="SPEC",
+              help="the architecture, to check the weights and name the optimizer's parameters (as for import)")
 @_opt
 def import_files_cmd(url: str, weights: str, optimizer: str | None, step: int, epoch: int, samples_seen: int,
-                     name: str | None, options: tuple[str, ...]) -> None:  # fmt: skip
+                     name: str | None, model_spec: str | None, options: tuple[str, ...]) -> None:  # fmt: skip
     """Make a checkpoint in URL of bare files: a WEIGHTS file (torch state_dict or .safetensors), optionally an
     optimizer file, and how far training had got; `continue_from` then continues it.
 
-    Without a model (the Python function takes one) the optimizer's numbered parameters are named by order only
-    when that is certain; otherwise it is refused and nothing is written."""
+    Without --model the optimizer's numbered parameters are named by order only when that is certain; otherwise
+    it is refused and nothing is written."""
     from ckptkit.interop.importers import import_files
 
     m = import_files(url, weights, optimizer=optimizer, step=step, epoch=epoch, samples_seen=samples_seen, name=name,
-                     storage_options=_storage(url, options))  # fmt: skip
+                     model=_spec_model(model_spec), storage_options=_storage(url, options))  # fmt: skip
     click.echo(f"imported {weights}{' + ' + optimizer if optimizer else ''} as {m.name} ({m.id[:12]}) at step "
                f"{m.progress.global_step}, epoch {m.progress.epoch}: components {', '.join(m.components)}")  # fmt: skip
 

@@ -188,7 +188,7 @@ def prepare_optimizer(
     if len(set(stored)) != len(stored):
         dup = sorted(n for n, c in Counter(stored).items() if c > 1)
         raise ManifestError(where, f"param_groups: parameters listed more than once: {_few(dup)}")
-    groups = group_names(opt, names)
+    groups = _align(group_names(opt, names), stored)
     report = LoadReport(name)
     live = {n for g in groups for n in g}
     report.missing = sorted(live - set(stored))
@@ -234,6 +234,33 @@ def prepare_optimizer(
                                                "the model as in the saved run, or pass strict=False")  # fmt: skip
     report.loaded = len(new_state)
     return report, lambda: opt.load_state_dict({"state": new_state, "param_groups": new_groups})
+
+
+def _align(groups: list[list[str]], stored: list[str]) -> list[list[str]]:
+    """The live parameter names, matched to the saved ones across a change in how many models the state holds.
+
+    Parameter names are prefixed by the model's component name only when the state holds several models. So an
+    optimizer saved with one model (``fc.weight``) and restored beside an EMA copy (``model.fc.weight``), or the
+    other way round, names the same parameters differently: when dropping (or adding) one common ``<component>.``
+    prefix makes the two sets of names equal, those names are used; otherwise the names are left as they are.
+    """
+    live = [n for g in groups for n in g]
+    want = set(stored)
+    if not live or not want or set(live) == want:
+        return groups
+    heads = {n.split(".", 1)[0] for n in live}
+    if len(heads) == 1 and all("." in n for n in live):
+        cut = len(next(iter(heads))) + 1
+        stripped = [[n[cut:] for n in g] for g in groups]
+        if {n for g in stripped for n in g} == want:
+            return stripped
+    heads = {n.split(".", 1)[0] for n in stored}
+    if len(heads) == 1 and all("." in n for n in stored):
+        head = next(iter(heads)) + "."
+        prefixed = [[head + n for n in g] for g in groups]
+        if {n for g in prefixed for n in g} == want:
+            return prefixed
+    return groups
 
 
 def _misshapen(key: str, v: torch.Tensor, p: torch.Tensor, held: Any, torch_optim: bool) -> bool:
