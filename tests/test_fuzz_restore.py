@@ -24,7 +24,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from tied_model import Tied, trained
+from tied_model import Tied, same_bits, trained
 
 import ckptkit
 from ckptkit.errors import CkptkitError
@@ -54,20 +54,6 @@ def _snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) ->
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal bit for bit (tensors and arrays by their bytes, NaN equal to NaN), containers of the same types."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bool(
-            torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))  # fmt: skip
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return type(a) is type(b) and (a == b or (a != a and b != b))  # noqa: PLR0124 - NaN equals NaN here
 
 
 # --- hostile edits ------------------------------------------------------------------------------------------
@@ -187,7 +173,7 @@ def test_fuzzed_manifest_restores_or_fails_typed_and_changes_nothing(
         event(f"refused: {type(err).__name__}" + (" (reading the manifest)" if f"{name}.json" in str(err) else ""))
         assert str(err)
         after = _snapshot(model, opt, sched)
-        assert _same(after, before), f"a restore that failed ({type(err).__name__}: {err}) changed the live objects"
+        assert same_bits(after, before), f"a restore that failed ({type(err).__name__}: {err}) changed the live objects"
         assert model.dec.weight is model.enc.weight
         return
     except Exception as err:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tied_model import trained
+from tied_model import same_bits, trained
 
 import ckptkit
 from ckptkit.api import checkpoints
@@ -115,21 +115,8 @@ class Live:
         }
 
     def assert_unchanged(self) -> None:
-        assert _same(self.snapshot(), self.before), "a restore that failed changed the live objects"
+        assert same_bits(self.snapshot(), self.before), "a restore that failed changed the live objects"
         assert self.model.dec.weight is self.model.enc.weight
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):  # bit for bit (NaN included)
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bool(
-            torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
-    if isinstance(a, np.ndarray):
-        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return type(a) is type(b) and (a == b or (a != a and b != b))  # noqa: PLR0124 - NaN equals NaN here
 
 
 def _tensor_key(data: dict[str, Any], component: str, suffix: str) -> str:

@@ -3,6 +3,9 @@ forge checkpoints from (tied weights give aliases, AdamW moments, a scheduler: e
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
 
@@ -35,3 +38,17 @@ def trained(
         opt.zero_grad()
         sched.step()
     return model, opt, sched
+
+
+def same_bits(a: Any, b: Any) -> bool:
+    """Equal bit for bit (tensors and arrays by their bytes, NaN equal to NaN), containers of the same types."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bool(
+            torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))  # fmt: skip
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(same_bits(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_bits(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and (a == b or (a != a and b != b))  # noqa: PLR0124 - NaN equals NaN here
