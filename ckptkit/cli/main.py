@@ -408,12 +408,17 @@ def gc_cmd(url: str, options: tuple[str, ...], dry_run: bool) -> None:
 @click.argument("dest")
 @click.argument("name", required=False)
 @click.option("--component", help="model component to export (when the checkpoint holds several)")
+@click.option("--format", "fmt", type=click.Choice(["model", "hf-trainer", "lightning"]), default="model",
+              show_default=True, help="model: the model in its framework's format; hf-trainer: a Trainer "
+              "checkpoint-N folder; lightning: a .ckpt for fit(ckpt_path=...)")  # fmt: skip
 @_opt
-def export_cmd(url: str, dest: str, name: str | None, component: str | None, options: tuple[str, ...]) -> None:
-    """Export checkpoint NAME's model (default: the latest) to DEST in its framework's format."""
+def export_cmd(url: str, dest: str, name: str | None, component: str | None, fmt: str,
+               options: tuple[str, ...]) -> None:  # fmt: skip
+    """Export checkpoint NAME (default: the latest) to DEST: its model in its framework's format, or (--format) a
+    checkpoint HF Trainer or Lightning resumes from."""
     from ckptkit.interop.export import export
 
-    for f in export(url, dest, name, component=component, storage_options=_storage(url, options)):
+    for f in export(url, dest, name, component=component, format=fmt, storage_options=_storage(url, options)):
         click.echo(f)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any
@@ -11,10 +12,22 @@ from ckptkit.engine.tensors import load_tensors
 from ckptkit.errors import DestinationNotEmptyError, InvalidArgumentError
 from ckptkit.state.adapter import get_adapter
 
-__all__ = ["PROVENANCE", "export"]
+__all__ = ["FORMATS", "PROVENANCE", "export"]
 
 PROVENANCE = "ckptkit.json"
 """Written beside the exported files: which checkpoint they came from (read back by import and lineage)."""
+
+FORMATS: dict[str, str] = {
+    "model": "the model in its framework's own format (HF save_pretrained folder, timm file, ...): the default",
+    "hf-trainer": "an HF Trainer checkpoint-N folder that Trainer.train(resume_from_checkpoint=...) resumes",
+    "lightning": "a Lightning .ckpt that Trainer.fit(ckpt_path=...) resumes (loads with weights_only=True)",
+}
+"""The formats :func:`export` writes, each with what it is."""
+
+_WRITERS = {  # format -> (module, function(repo, manifest, dest, component) -> files written)
+    "hf-trainer": ("ckptkit.interop.export_hf_trainer", "export_hf_trainer"),
+    "lightning": ("ckptkit.interop.export_lightning", "export_lightning"),
+}
 
 
 def export(
@@ -23,6 +36,7 @@ def export(
     name: str | None = None,
     *,
     component: str | None = None,
+    format: str = "model",
     storage_options: dict[str, Any] | None = None,
 ) -> list[str]:
     """Write checkpoint ``name``'s model (the latest by default) into the folder ``dest`` in its framework's format.
@@ -37,8 +51,12 @@ def export(
         dest: the folder to write (a new or empty one).
         name: the checkpoint (default: the latest).
         component: the model component to export, when the checkpoint holds several.
+        format: what to write (one of :data:`FORMATS`): ``"model"`` (the model alone, in its framework's format),
+            ``"hf-trainer"`` (a ``checkpoint-N`` folder HF ``Trainer`` resumes from) or ``"lightning"`` (a ``.ckpt``
+            Lightning's ``fit(ckpt_path=...)`` resumes from).
 
     Raises:
+        InvalidArgumentError: an unknown ``format``, or a checkpoint that format cannot hold (the message says why).
         ArgumentTypeError: ``repo`` is not a URL, a local path or an open Repository.
         DestinationNotEmptyError: ``dest`` already holds files (nothing is written).
 
@@ -48,8 +66,17 @@ def export(
         >>> [f.rsplit("/", 1)[1] for f in ckptkit.export("memory://doc-export", tempfile.mkdtemp())]
         ['model.safetensors', 'ckptkit.json']
     """
+    if format not in FORMATS:
+        raise InvalidArgumentError(f"export format {format!r} is not one of {sorted(FORMATS)}: "
+                                   + "; ".join(f"{k}: {v}" for k, v in FORMATS.items()))  # fmt: skip
     r = open_repository(repo, storage_options)
     m = latest_manifest(r, name)
+    if format != "model":
+        if os.path.exists(dest) and os.listdir(dest):
+            raise DestinationNotEmptyError(dest)
+        module, func = _WRITERS[format]
+        written: list[str] = getattr(importlib.import_module(module), func)(r, m, dest, component)
+        return written
     models = [n for n, c in m.components.items() if c.kind == "model"]
     comp = component or (models[0] if len(models) == 1 else None)
     if comp is None or comp not in models:
