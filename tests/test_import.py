@@ -1,6 +1,6 @@
 """Importing foreign checkpoints (ckptkit.interop.importers.import_from), written here by the real tools: a transformers
-Trainer, Lightning, timm's CheckpointSaver, torch.distributed.checkpoint; MMDetection's layout by hand (mmdet and
-mmengine are not installed). Tiny models, offline, CPU only.
+Trainer, Lightning, timm's CheckpointSaver, torch.distributed.checkpoint; MMDetection's layout by hand (mmdet does
+not run here; tests/test_mmengine.py uses mmengine's own objects). Tiny models, offline, CPU only.
 
 Every import is checked the same way: the checkpoint passes ckptkit.verify, restores with strict=True into a fresh
 model (and optimizer, where the file has one), and the restored tensors equal the ones in the source files, read in
@@ -19,7 +19,7 @@ import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -272,7 +272,8 @@ def lightning_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("lightning")
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
     paths = {}
-    for tag, args in (("plain", None), ("namespace", argparse.Namespace(lr=0.1, epochs=3))):
+    for tag, args in (("plain", None), ("namespace", argparse.Namespace(lr=0.1, epochs=3)),
+                      ("object", PurePosixPath("/data/train"))):  # fmt: skip
         torch.manual_seed(0)
         module = cls(args=args)
         trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -322,15 +323,22 @@ def test_lightning_ckpt(lightning_ckpts: dict[str, Any], tmp_path: Path) -> None
     assert all(_same(fresh2.state_dict()[k], v) for k, v in saved["state_dict"].items())
 
 
-def test_lightning_pickled_hyperparameters_are_refused(lightning_ckpts: dict[str, Any], tmp_path: Path) -> None:
-    path = lightning_ckpts["namespace"]
+def test_lightning_pickled_hyperparameters_are_read_as_data_or_refused(
+    lightning_ckpts: dict[str, Any], tmp_path: Path
+) -> None:
+    """An argparse.Namespace in hyper_parameters (Lightning's save_hyperparameters of a script's args) holds only
+    data: it is read as its attributes. Any other object is refused, naming its class and entry."""
+    m = import_from(str(lightning_ckpts["namespace"]), str(tmp_path / "ns"))
+    assert m.hparams["lightning_hyper_parameters"] == {"hidden": 8, "args": {"lr": 0.1, "epochs": 3}}
+    path = lightning_ckpts["object"]
     with pytest.raises(UnsupportedStateError) as err:
         import_from(str(path), str(tmp_path / "repo"))
     msg = str(err.value)
-    assert "argparse.Namespace" in msg and "'hyper_parameters.args'" in msg
+    assert "pathlib.PurePosixPath" in msg and "'hyper_parameters.args'" in msg
     assert "pickled Python object" in msg and str(path) in msg
-    with pytest.raises(UnsupportedStateError, match=r"argparse\.Namespace"):
+    with pytest.raises(UnsupportedStateError, match=r"pathlib\.PurePosixPath"):
         import_from(str(path), str(tmp_path / "repo"), format="lightning")
+    assert not os.path.exists(tmp_path / "repo" / "manifests") or not os.listdir(tmp_path / "repo" / "manifests")
 
 
 # --- timm ----------------------------------------------------------------------------------------------------
@@ -375,17 +383,35 @@ def timm_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "with_ema": with_ema / "last.pth.tar",
         "model": model,
+        "opt": opt,
         "with_args": with_args / "last.pth.tar",
         "clean": clean,
         "no_args": no_args / "last.pth.tar",
     }
 
 
-def test_timm_checkpoint_with_args_is_refused(timm_ckpts: dict[str, Any], tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedStateError) as err:
-        import_from(str(timm_ckpts["with_args"]), str(tmp_path / "repo"))
-    msg = str(err.value)
-    assert "argparse.Namespace" in msg and "entry 'args'" in msg and "clean_checkpoint" in msg
+def test_timm_train_py_checkpoint_with_args_imports_whole(timm_ckpts: dict[str, Any], tmp_path: Path) -> None:
+    """timm's train.py passes its argparse.Namespace to CheckpointSaver, which stores it as 'args': it is read as
+    plain data (nothing of argparse is run), recorded as hyperparameters, and the model, optimizer and progress
+    import and restore as from a checkpoint without args."""
+    import timm
+    from timm.optim import create_optimizer_v2
+
+    path = timm_ckpts["with_args"]
+    repo = str(tmp_path / "repo")
+    m = import_from(str(path), repo)
+    _ok(repo)
+    assert m.hparams["timm_args"] == {"model": "test_resnet", "lr": 1e-3, "epochs": 10}
+    assert m.components["model"].adapter == "timm" and m.progress.epoch == 3
+    assert "args" not in _source(repo)["skipped"]  # type: ignore[operator]
+    fresh = timm.create_model("test_resnet", pretrained=False, num_classes=5)
+    opt = create_optimizer_v2(fresh, "adamw", lr=1e-3, weight_decay=0.05)
+    res = ckptkit.restore(repo, {"model": fresh, "optimizer": opt}, rng=False)
+    assert all(r.ok for r in res.reports.values()), res.reports
+    model = timm_ckpts["model"]
+    assert all(_same(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    for p_new, p_old in zip(fresh.parameters(), model.parameters(), strict=True):
+        assert _same(opt.state[p_new]["exp_avg"], timm_ckpts["opt"].state[p_old]["exp_avg"])
 
 
 def test_timm_checkpoint_with_ema_restores_model_ema_and_optimizer_in_one_call(
@@ -471,9 +497,10 @@ def _detector() -> torch.nn.Module:
 
 
 def test_mmdet_checkpoint(tmp_path: Path) -> None:
-    # mmdet / mmengine are not installed: this is the structure mmengine's Runner.save_checkpoint writes (a 'meta'
-    # dict, 'state_dict', 'optimizer' = OptimWrapper.state_dict(), 'param_schedulers'), built by hand with plain
-    # values only (a full Runner checkpoint also holds a 'message_hub' object, which would be refused).
+    # mmdet does not run here (its models need mmcv's compiled ops): this is the structure mmengine's
+    # Runner.save_checkpoint writes for a detector (a 'meta' dict, 'state_dict', 'optimizer' =
+    # OptimWrapper.state_dict(), 'param_schedulers'), with torch's own scheduler; tests/test_mmengine.py writes one
+    # from mmengine's own schedulers, MessageHub and OptimWrapper.
     model = _detector()
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
     feats = {"0": torch.randn(1, 8, 8, 8), "1": torch.randn(1, 16, 4, 4)}
@@ -584,10 +611,10 @@ def test_dcp_refuses_pickled_objects(tmp_path: Path) -> None:
     model, _ = _trained_mlp()
     # a non-tensor entry DCP stores with torch.save: read with weights_only=True, so an object is refused
     objects = tmp_path / "objects"
-    _dcp_save({"model": model.state_dict(), "config": argparse.Namespace(lr=0.1)}, objects)
+    _dcp_save({"model": model.state_dict(), "config": PurePosixPath("/data/train")}, objects)
     with pytest.raises(UnsupportedStateError) as err:
         import_from(str(objects), str(tmp_path / "repo"))
-    assert "argparse.Namespace" in str(err.value) and "'config'" in str(err.value)
+    assert "pathlib.PurePosixPath" in str(err.value) and "'config'" in str(err.value)
 
     # .metadata itself is a pickle: only DCP's metadata classes are resolved; nothing else is imported or run
     evil = tmp_path / "evil"

@@ -21,6 +21,7 @@ from ckptkit.format import encode
 from ckptkit.hashing import check_name
 from ckptkit.schema import ComponentKind
 from ckptkit.state.adapter import find_adapter
+from ckptkit.state.foreign import is_foreign_scheduler, plain_state
 
 __all__ = [
     "RNG",
@@ -82,6 +83,8 @@ def kind_of(obj: object) -> ComponentKind:
     if isinstance(obj, torch.optim.Optimizer):
         return "optimizer"
     if isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+        return "scheduler"
+    if is_foreign_scheduler(obj):  # mmengine's parameter schedulers
         return "scheduler"
     if isinstance(obj, torch.amp.GradScaler):
         return "grad_scaler"
@@ -158,7 +161,7 @@ def _capture_one(name: str, obj: object, names: dict[int, str]) -> Captured:
     if kind == "value":
         return state_component(name, kind, qualname(obj), obj)
     assert isinstance(obj, Stateful)
-    return state_component(name, kind, qualname(obj), obj.state_dict())
+    return state_component(name, kind, qualname(obj), plain_state(qualname(obj), obj.state_dict()))
 
 
 def _capture_model(name: str, model: torch.nn.Module) -> Captured:

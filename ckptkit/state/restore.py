@@ -27,6 +27,7 @@ from ckptkit.format import decode
 from ckptkit.schema import ComponentKind, resolve_aliases
 from ckptkit.state.adapter import ModelAdapter, find_adapter, get_adapter
 from ckptkit.state.capture import RNG, Stateful, group_names
+from ckptkit.state.foreign import live_state
 from ckptkit.state.schedulers import HELD_LR_KEY, hold_lr
 
 __all__ = [
@@ -362,6 +363,8 @@ def prepare_stateful(name: str, obj: Stateful, saved: Saved) -> Callable[[], Non
                               path="state")  # fmt: skip
             if problem:
                 raise ManifestError(_where(name), problem)
+
+    data = live_state(obj, data, _where(name))
 
     def apply() -> None:
         obj.load_state_dict(data)

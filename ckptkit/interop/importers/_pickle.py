@@ -22,12 +22,15 @@ from ckptkit.errors import CkptkitError, ImportFormatError, SourceNotFoundError,
 from ckptkit.interop.importers.registry import detect_dict, find_reader
 
 __all__ = [
+    "DATA_CLASSES",
     "GENERIC_HINT",
     "INFLATE_CAP",
     "INFLATE_FLOOR",
     "INFLATE_RATIO",
+    "PlainObject",
     "RefusedPickleError",
     "check_archive",
+    "data_globals",
     "load_torch",
     "refusal",
     "unsafe_globals",
@@ -103,9 +106,85 @@ def check_archive(source: str | IO[bytes] | io.RawIOBase, where: str, size: int 
         )
 
 
+class PlainObject(dict[str, Any]):
+    """A pickled object of one of :data:`DATA_CLASSES`, read as the plain dict of its attributes: nothing of its
+    class is imported or run (the unpickler builds this class instead, and only stores the attributes).
+
+    Example:
+        >>> import argparse, io, torch
+        >>> buf = io.BytesIO()
+        >>> torch.save({"args": argparse.Namespace(lr=0.1, model="resnet18")}, buf)
+        >>> with open("/tmp/ckptkit-doc-args.pth", "wb") as f:
+        ...     _ = f.write(buf.getvalue())
+        >>> args = load_torch("/tmp/ckptkit-doc-args.pth")["args"]
+        >>> args.type_name, dict(args)
+        ('argparse.Namespace', {'lr': 0.1, 'model': 'resnet18'})
+    """
+
+    type_name = "?"
+    """The class the file named (``argparse.Namespace`` ...)."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+            for part in state:
+                if isinstance(part, dict):
+                    self.update(part)
+        elif isinstance(state, dict):
+            self.update(state)
+        else:
+            self["__state__"] = state
+
+    def __repr__(self) -> str:
+        return f"PlainObject({self.type_name}, {dict.__repr__(self)})"
+
+
+DATA_CLASSES: tuple[str, ...] = (
+    "argparse.Namespace",  # timm train.py's `args`
+    "mmengine.logging.history_buffer.HistoryBuffer",  # an mmengine Runner's message_hub scalars
+)
+"""Classes of training frameworks that hold only data: a file's object of one of them is read as a
+:class:`PlainObject` of its attributes. numpy arrays, scalars and dtypes are read as numpy values, rebuilt by
+numpy's own pickle functions (the ones ``torch.load`` documents for allowlisting)."""
+
+
+def _attribute_of_data_class(obj: Any, name: Any) -> str:
+    """Stands in for ``builtins.getattr`` in a pickle: a data class's attribute (HistoryBuffer pickles references to
+    its statistics methods as ``getattr(HistoryBuffer, "mean")``) is read as its dotted name; anything else stops."""
+    if isinstance(obj, type) and issubclass(obj, PlainObject) and isinstance(name, str):
+        return f"{obj.type_name}.{name}"
+    raise pickle.UnpicklingError(f"getattr({type(obj).__name__}, {name!r}) in the pickle: not data")
+
+
+@functools.cache
+def data_globals() -> list[Any]:
+    """What :func:`load_torch` allows beside torch's own list: numpy's array, scalar and dtype rebuilders (under
+    numpy 1's and 2's module names), a :class:`PlainObject` stand-in for each of :data:`DATA_CLASSES`, and a
+    ``getattr`` that only names those stand-ins' attributes."""
+    out: list[Any] = [(type(f"PlainObject[{name}]", (PlainObject,), {"type_name": name}), name)
+                      for name in DATA_CLASSES]  # fmt: skip
+    out.append((_attribute_of_data_class, "builtins.getattr"))
+    try:
+        import numpy as np
+    except ImportError:
+        return out
+    core = getattr(np, "_core", None) or np.core
+    multiarray = core.multiarray
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out += [(multiarray._reconstruct, f"{mod}._reconstruct"), (multiarray.scalar, f"{mod}.scalar")]
+    out += [np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    for n in dir(dtypes) if dtypes is not None else []:
+        cls = getattr(dtypes, n)
+        if isinstance(cls, type) and issubclass(cls, np.dtype) and n != "ObjectDType":
+            out.append(cls)
+    return out
+
+
 def load_torch(path: str, hint: str | None = GENERIC_HINT) -> Any:
     """``torch.load(weights_only=True)``, after :func:`check_archive`; a refusal becomes an error naming the classes
-    and entries needing pickle (``hint=None``: the advice suits the format the file's keys suggest).
+    and entries needing pickle (``hint=None``: the advice suits the format the file's keys suggest). Beside tensors
+    and plain containers it reads numpy arrays, scalars and dtypes (as numpy values) and the data-only classes of
+    :data:`DATA_CLASSES` (as :class:`PlainObject` dicts); nothing else.
 
     Raises:
         SourceNotFoundError: ``path`` is not a file.
@@ -118,7 +197,8 @@ def load_torch(path: str, hint: str | None = GENERIC_HINT) -> Any:
         raise SourceNotFoundError(path, "file")
     check_archive(path, path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ... for what it cannot read
         # Drop torch's frames now: they hold the pickle it read, which the scan below reads again.
         failure = err.with_traceback(None)
@@ -208,9 +288,9 @@ def _python2_names() -> tuple[dict[tuple[str, str], tuple[str, str]], dict[str, 
 
 
 def _allowed_globals() -> set[str]:
-    """What ``torch.load(weights_only=True)`` accepts (torch's allowlist, plus what the user allowlisted)."""
+    """What :func:`load_torch` accepts (torch's allowlist, what the user allowlisted, and the data globals)."""
     user = set()
-    for g in torch.serialization.get_safe_globals():
+    for g in [*torch.serialization.get_safe_globals(), *data_globals()]:
         user.add(g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}")
     try:
         from torch import _weights_only_unpickler as wu
@@ -236,11 +316,13 @@ def unsafe_globals(data: bytes | IO[bytes]) -> list[str]:
     being a pickle.
 
     Example:
-        >>> import argparse, pickle
-        >>> unsafe_globals(pickle.dumps({"args": argparse.Namespace(lr=0.1)}, protocol=2))
-        ['argparse.Namespace']
-        >>> unsafe_globals(pickle.dumps({"args": argparse.Namespace(lr=0.1)}, protocol=4))
-        ['argparse.Namespace']
+        >>> import argparse, pathlib, pickle
+        >>> unsafe_globals(pickle.dumps({"data": pathlib.PurePosixPath("/data")}, protocol=2))
+        ['pathlib.PurePosixPath']
+        >>> unsafe_globals(pickle.dumps({"data": pathlib.PurePosixPath("/data")}, protocol=4))
+        ['pathlib.PurePosixPath']
+        >>> unsafe_globals(pickle.dumps({"args": argparse.Namespace(lr=0.1)}, protocol=2))  # data: read as a dict
+        []
     """
     allowed = _allowed_globals()
     found: list[str] = []

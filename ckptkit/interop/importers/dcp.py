@@ -25,6 +25,7 @@ from ckptkit.interop.importers._pickle import (
     INFLATE_RATIO,
     RefusedPickleError,
     check_archive,
+    data_globals,
     refusal,
     unsafe_globals,
 )
@@ -180,7 +181,8 @@ class _Slice(io.RawIOBase):
 
 def _dcp_load(folder: str, md: Any) -> dict[str, Any]:
     """Every entry of a DCP checkpoint, read by DCP's own reader into tensors pre-allocated from the metadata;
-    non-tensor entries with ``torch.load(weights_only=True)``. Returns the nested state dict as saved."""
+    non-tensor entries with ``torch.load(weights_only=True)`` (plus the data-only globals of
+    :func:`~ckptkit.interop.importers._pickle.load_torch`). Returns the nested state dict as saved."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
@@ -201,7 +203,8 @@ def _dcp_load(folder: str, md: Any) -> dict[str, Any]:
             fqn = read_item.dest_index.fqn
             raw = value.getvalue()
             try:
-                values[fqn] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+                with torch.serialization.safe_globals(data_globals()):
+                    values[fqn] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
             except Exception as err:
                 where = f"{folder} entry {fqn!r}"
                 refused = refusal(where, _zip_pickle(raw), GENERIC_HINT, f"{fqn}.")

@@ -18,13 +18,16 @@ from ckptkit.interop.importers._common import (
 )
 from ckptkit.interop.importers._optimizer import check_optimizer_dict, name_optimizer
 from ckptkit.state.capture import model_component, state_component
+from ckptkit.state.foreign import MESSAGE_HUB, plain_state
 
 __all__ = ["read_mmdet"]
 
 
 def read_mmdet(imp: ImportRecord, data: Any, model: torch.nn.Module | None) -> None:
     """Read the mmengine checkpoint ``data`` (loaded from ``imp.path``) into ``imp``: the model (with the dataset's
-    class names), optimizer wrappers (named by ``model`` when given), grad scalers, schedulers, progress and meta."""
+    class names), optimizer wrappers (named by ``model`` when given), grad scalers, parameter schedulers
+    (restorable into mmengine's own), the Runner's ``message_hub`` (restorable into a ``MessageHub``), progress and
+    meta."""
     if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict):
         raise ImportFormatError(f"{imp.path} is not an mmengine checkpoint ({describe(data)}): pass the .pth that "
                                 "mmengine's Runner (CheckpointHook) wrote, or the format the file is "
@@ -56,8 +59,14 @@ def read_mmdet(imp: ImportRecord, data: Any, model: torch.nn.Module | None) -> N
     if isinstance(schedulers, dict):  # one list per optimizer wrapper
         schedulers = [s for v in schedulers.values() if isinstance(v, list) for s in v]
     for i, sd in enumerate(schedulers or []):
-        imp.components.append(state_component("scheduler" if i == 0 else f"scheduler_{i}", "scheduler",
-                                              scheduler_type(sd), sd))  # fmt: skip
+        # mmengine's ParamSchedulers (LinearLR, MultiStepLR ...) keep begin / end / by_epoch beside torch's keys
+        mm = isinstance(sd, dict) and {"begin", "end", "by_epoch"} <= set(sd)
+        kind = "mmengine.optim.scheduler.param_scheduler._ParamScheduler" if mm else scheduler_type(sd)
+        imp.components.append(state_component("scheduler" if i == 0 else f"scheduler_{i}", "scheduler", kind, sd))
+    hub = data.get("message_hub")
+    if isinstance(hub, dict):  # MessageHub.state_dict(): HistoryBuffers read as plain data, numpy values
+        imp.components.append(state_component("message_hub", "stateful", MESSAGE_HUB,
+                                              plain_state(MESSAGE_HUB, hub)))  # fmt: skip
     epoch, it = as_int(meta_in.get("epoch")), as_int(meta_in.get("iter"))
     imp.epoch, imp.global_step = epoch or 0, it or 0
     imp.info["progress"] = {"epoch": epoch, "iter": it, "epoch_meaning": (
@@ -68,5 +77,5 @@ def read_mmdet(imp: ImportRecord, data: Any, model: torch.nn.Module | None) -> N
         imp.skipped["meta"] = f"values that are not JSON at {dropped[:5]}: not recorded"
     imp.info["mmengine_version"] = str(meta_in.get("mmengine_version") or meta_in.get("mmengine") or "unknown")
     for key in data:
-        if key not in ("meta", "state_dict", "optimizer", "param_schedulers"):
-            imp.skipped[str(key)] = "not an mmengine checkpoint entry ckptkit knows (message_hub ...): not imported"
+        if key not in ("meta", "state_dict", "optimizer", "param_schedulers", "message_hub"):
+            imp.skipped[str(key)] = "not an mmengine checkpoint entry ckptkit knows: not imported"

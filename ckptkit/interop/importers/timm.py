@@ -54,7 +54,7 @@ def _timm_skeleton(imp: ImportRecord, arch: str, tensors: Mapping[str, torch.Ten
 def read_timm(imp: ImportRecord, data: Any, model: torch.nn.Module | None) -> None:
     """Read the timm training checkpoint ``data`` (loaded from ``imp.path``) into ``imp``: the model (rebuilt from
     ``arch`` when it is a timm model name, else ``model``'s), its EMA, the optimizer (named by timm's parameter
-    groups, checked), grad scaler, progress and metric."""
+    groups, checked), grad scaler, progress, metric and train.py's ``args`` (as hyperparameters ``timm_args``)."""
     if not isinstance(data, dict) or not isinstance(data.get("state_dict", data.get("state_dict_ema")), dict):
         raise ImportFormatError(f"{imp.path} is not a timm training checkpoint ({describe(data)}): pass the file "
                                 "timm's CheckpointSaver wrote, or the format the file is "
@@ -101,10 +101,18 @@ def read_timm(imp: ImportRecord, data: Any, model: torch.nn.Module | None) -> No
     metric = data.get("metric")
     if isinstance(metric, (int, float, torch.Tensor)) and json_safe(metric, "metric", []) is not None:
         imp.metrics["metric"] = float(metric)
+    args = data.get("args")
+    if isinstance(args, dict):  # train.py's argparse.Namespace, read as plain data (a PlainObject)
+        dropped: list[str] = []
+        imp.hparams["timm_args"] = json_safe(dict(args), "args", dropped)
+        if dropped:
+            imp.skipped["args"] = f"values that are not JSON at {dropped[:5]}: not recorded"
+    elif args is not None:
+        imp.skipped["args"] = f"{describe(args)}, not timm train.py's argparse.Namespace: not recorded"
     if "saver" in data:
         imp.skipped["saver"] = "timm CheckpointSaver bookkeeping (file history, best metric): not training state"
     known = {"state_dict", "state_dict_ema", "optimizer", "epoch", "arch", "version", "metric", "saver", "amp_scaler",
-             "scaler"}  # fmt: skip
+             "scaler", "args"}  # fmt: skip
     for key in data:
         if key not in known:
             imp.skipped[str(key)] = "not a timm checkpoint entry ckptkit knows: not imported"
