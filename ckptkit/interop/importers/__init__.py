@@ -9,6 +9,8 @@ Formats (``format=None`` detects them; :mod:`~ckptkit.interop.importers.registry
 - ``lightning``: a Lightning ``.ckpt`` file.
 - ``timm``: a timm training checkpoint (what ``timm.utils.CheckpointSaver`` writes).
 - ``mmdet``: an MMDetection / mmengine ``.pth`` (``meta`` + ``state_dict`` + ``optimizer``).
+- ``accelerate``: an ``accelerate.Accelerator.save_state`` folder (``model.safetensors``, ``optimizer.bin``,
+  ``scheduler.bin``, ``scaler.pt``, ``random_states_<process>.pkl``, ``custom_checkpoint_<i>.pkl`` ...).
 - ``dcp``: a ``torch.distributed.checkpoint`` folder (``.metadata`` + ``*.distcp``).
 
 How files are read: torch files with ``torch.load(weights_only=True)`` (:func:`ckptkit.state.files.read_torch_file`),

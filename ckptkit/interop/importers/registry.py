@@ -11,6 +11,8 @@ Example:
     'file'
     >>> detect_folder({".metadata", "__0_0.distcp"})
     'dcp'
+    >>> detect_folder({"model.safetensors", "optimizer.bin", "random_states_0.pkl"})
+    'accelerate'
     >>> detect_dict({"arch": "resnet18", "state_dict": {}, "epoch": 3})
     'timm'
 """
@@ -18,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -72,6 +75,19 @@ def _is_hf(files: Collection[str]) -> bool:
     return "config.json" in files and any(w in files for w in HF_WEIGHTS)
 
 
+_ACCELERATE_WEIGHTS = re.compile(r"(model|pytorch_model)(_\d+)?\.(safetensors|bin)")
+
+
+def _is_accelerate(files: Collection[str]) -> bool:
+    """An ``Accelerator.save_state`` folder: a ``random_states_<process>.pkl`` (accelerate's name; HF Trainer writes
+    ``rng_state.pth``), or accelerate's ``optimizer.bin`` beside model weights; never a Trainer folder."""
+    if "trainer_state.json" in files:
+        return False
+    if any(re.fullmatch(r"random_states_\d+\.pkl", f) for f in files):
+        return True
+    return "optimizer.bin" in files and any(_ACCELERATE_WEIGHTS.fullmatch(f) for f in files)
+
+
 def _is_lightning(data: Mapping[Any, Any]) -> bool:
     return "pytorch-lightning_version" in data or ("state_dict" in data and "optimizer_states" in data)
 
@@ -81,6 +97,9 @@ _IMPORTERS = "ckptkit.interop.importers"
 READERS: tuple[Reader, ...] = (
     Reader("dcp", "folder", "folder with a .metadata file", lambda files: ".metadata" in files,
            f"{_IMPORTERS}.dcp:read_dcp"),
+    Reader("accelerate", "folder",
+           "folder with random_states_<process>.pkl, or optimizer.bin beside model.safetensors / pytorch_model.bin "
+           "(an Accelerator.save_state folder)", _is_accelerate, f"{_IMPORTERS}.accelerate:read_accelerate"),
     Reader("hf-trainer", "folder", "the hf-pretrained files plus trainer_state.json (a Trainer checkpoint-N folder)",
            lambda files: _is_hf(files) and "trainer_state.json" in files, f"{_IMPORTERS}.hf:read_hf_trainer"),
     Reader("hf-pretrained", "folder",
@@ -94,14 +113,15 @@ READERS: tuple[Reader, ...] = (
     Reader("mmdet", "file", "file with a 'meta' dict and 'state_dict'",
            lambda data: isinstance(data.get("meta"), dict) and "state_dict" in data,
            f"{_IMPORTERS}.mmdet:read_mmdet",
-           "mmengine stores objects such as its MessageHub in full training checkpoints: re-save without them (e.g. "
-           "mmdet's tools/model_converters/publish_model.py), or load where you trust its source and drop them."),
+           "mmengine's Runner stores its MessageHub (read as plain data: HistoryBuffers and numpy values); another "
+           "object is not read: load the file where you trust its source, replace the objects named above by plain "
+           "values and torch.save it again."),
     Reader("timm", "file", "file with 'arch' and 'state_dict'",
            lambda data: "arch" in data and ("state_dict" in data or "state_dict_ema" in data),
            f"{_IMPORTERS}.timm:read_timm",
-           "timm's CheckpointSaver stores the training script's argparse.Namespace as 'args': re-save the checkpoint "
-           "without it (e.g. timm's clean_checkpoint.py, or load it where you trust its source, del ckpt['args'], "
-           "torch.save)."),
+           "timm's CheckpointSaver stores the training script's `args` (read as plain data when it is an "
+           "argparse.Namespace of plain values): load it where you trust its source, replace the objects named above "
+           "by plain values (numbers, strings, lists, dicts) and torch.save it again."),
 )  # fmt: skip
 """Every format, in the order detection tries them."""
 
