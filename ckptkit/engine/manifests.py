@@ -17,6 +17,7 @@ __all__ = [
     "RepoLike",
     "latest_manifest",
     "list_manifests",
+    "model_name",
     "open_repository",
     "read_manifest",
     "reference_problems",
@@ -130,3 +131,23 @@ def latest_manifest(r: Repository, name: str | None = None) -> Manifest:
     if not found:
         raise CheckpointNotFoundError(r.url, None)
     return found[-1]
+
+
+def model_name(m: Manifest, component: str | None, hint: str = "") -> str:
+    """The model component of ``m`` a verb works on: ``component``, or the only one when it is None.
+
+    Raises:
+        InvalidArgumentError: ``m`` has no model component, several and ``component`` is None, or none named
+            ``component`` (the message lists them, then ``hint``).
+    """
+    models = [n for n, c in m.components.items() if c.kind == "model"]
+    if component is None and len(models) == 1:
+        return models[0]
+    if component is not None and component in models:
+        return component
+    if not models:
+        problem = f"no model component (it has {sorted(m.components)})"
+    else:
+        given = f"component {component!r} is not one of them" if component is not None else "name one of them"
+        problem = f"model components {models}: {given}: pass component=<one of them> (--component on the command line)"
+    raise InvalidArgumentError(f"checkpoint {m.name} has {problem}" + (f"; {hint}" if hint else ""))

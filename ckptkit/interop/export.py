@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from ckptkit.engine.manifests import RepoLike, latest_manifest, open_repository
+from ckptkit.engine.manifests import RepoLike, latest_manifest, model_name, open_repository
 from ckptkit.engine.tensors import load_tensors
 from ckptkit.errors import DestinationNotEmptyError, InvalidArgumentError
 from ckptkit.state.adapter import get_adapter
@@ -77,11 +77,7 @@ def export(
         module, func = _WRITERS[format]
         written: list[str] = getattr(importlib.import_module(module), func)(r, m, dest, component)
         return written
-    models = [n for n, c in m.components.items() if c.kind == "model"]
-    comp = component or (models[0] if len(models) == 1 else None)
-    if comp is None or comp not in models:
-        raise InvalidArgumentError(f"checkpoint {m.name} has model components {models}: pass component=<one of "
-                                   "them> (--component on the command line)")
+    comp = model_name(m, component)
     c = m.components[comp]
     tensors = load_tensors(r, m, [comp])[comp]
     if os.path.exists(dest) and os.listdir(dest):

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ckptkit.engine.manifests import model_name
 from ckptkit.engine.tensors import load_tensors
 from ckptkit.errors import InvalidArgumentError
 from ckptkit.format import decode
@@ -46,12 +47,7 @@ def _one(m: Manifest, kind: str, what: str, why: str) -> str | None:
 
 
 def _model_component(m: Manifest, component: str | None) -> tuple[str, Component]:
-    models = [n for n, c in m.components.items() if c.kind == "model"]
-    comp = component or (models[0] if len(models) == 1 else None)
-    if comp is None or comp not in models:
-        given = f"component {component!r} is not one of them" if component else "name one of them"
-        raise InvalidArgumentError(f"checkpoint {m.name} has model components {models}: {given}: pass component=<one "
-                                   "of them> (--component on the command line)")  # fmt: skip
+    comp = model_name(m, component)
     c = m.components[comp]
     if c.adapter != "hf":
         raise InvalidArgumentError(f"component {comp!r} of checkpoint {m.name} is a {c.type} (adapter {c.adapter!r}), "

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckptkit.engine.manifests import model_name
 from ckptkit.engine.tensors import load_tensors
 from ckptkit.errors import InvalidArgumentError, MissingDependencyError, UnsupportedStateError
 from ckptkit.format import decode, encode
@@ -93,12 +94,8 @@ def to_lightning(r: Repository, manifest: Manifest, component: str | None = None
         InvalidArgumentError: the checkpoint holds no model (or several and ``component`` names none of them), no
             optimizer, or progress that does not say where in an epoch it stopped.
     """
-    models = [n for n, c in manifest.components.items() if c.kind == "model"]
-    comp = component or (models[0] if len(models) == 1 else None)
-    if comp is None or comp not in models:
-        have = f"model components {models}: pass component=<one of them>" if models else "no model component"
-        raise InvalidArgumentError(f"cannot export checkpoint {manifest.name} to a Lightning .ckpt: it has {have} "
-                                   "(save the LightningModule itself, e.g. {'model': module})")  # fmt: skip
+    comp = model_name(manifest, component, "a Lightning .ckpt needs the LightningModule's weights (save the module "
+                                            "itself, e.g. {'model': module})")  # fmt: skip
     names = [comp, *(n for n, c in manifest.components.items() if c.kind in ("optimizer", "scheduler", "grad_scaler"))]
     if LIGHTNING_COMPONENT in manifest.components and comp == _MODEL:
         names.append(LIGHTNING_COMPONENT)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from ckptkit.engine.manifests import RepoLike, latest_manifest, open_repository
+from ckptkit.engine.manifests import RepoLike, latest_manifest, model_name, open_repository
 from ckptkit.engine.provenance import Origin, add_origin
 from ckptkit.engine.tensors import load_tensors
 from ckptkit.errors import AdapterError, InvalidArgumentError, SourceFormatError, StateMismatchError
@@ -157,10 +157,7 @@ def read_source(
         return _read_folder(path)
     r = open_repository(path, storage_options, param="source")
     m = latest_manifest(r, name)
-    models = [n for n, c in m.components.items() if c.kind == "model"]
-    comp = component or (models[0] if len(models) == 1 else None)
-    if comp is None or comp not in m.components:
-        raise InvalidArgumentError(f"checkpoint {m.name} has model components {models}: pass component=<one of them>")
+    comp = model_name(m, component)
     tensors = dict(load_tensors(r, m, [comp])[comp])
     c = m.components[comp]
     for alias, target in c.aliases.items():
