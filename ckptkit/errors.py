@@ -8,7 +8,7 @@ so ``except FileNotFoundError`` keeps working around ckptkit calls.
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "CkptkitError",
     "CorruptObjectError",
     "DestinationNotEmptyError",
+    "DistributedCheckpointError",
     "FormatVersionError",
     "ImportFormatError",
     "IncompleteCheckpointError",
@@ -310,3 +311,16 @@ class VerificationError(CkptkitError, OSError):
             f"{len(self.damaged)} of {len(self.reports)} checkpoint(s) in {url} failed verification: "
             f"{'; '.join(parts)} (each report in .reports lists its problems); {self.FIX}"
         )
+
+
+class DistributedCheckpointError(CkptkitError, RuntimeError):
+    """A sharded save or load (``ckptkit.distributed``) failed on one or more ranks for a reason that is not a
+    ckptkit error of its own. ``action`` is ``"save"`` or ``"load"``, ``url`` the repository and ``failures`` maps
+    each failed rank to its exception. A failed save commits nothing."""
+
+    def __init__(self, url: str, action: str, failures: Mapping[int, BaseException], fix: str) -> None:
+        self.url = url
+        self.action = action
+        self.failures = dict(failures)
+        detail = "; ".join(f"rank {r}: {type(e).__name__}: {str(e)[:300]}" for r, e in sorted(self.failures.items()))
+        super().__init__(f"distributed {action} in {url} failed on {len(self.failures)} rank(s): {detail}; {fix}")

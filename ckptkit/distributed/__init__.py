@@ -1,5 +1,19 @@
 """Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP): ckptkit is DCP's storage (a ``StorageWriter``
 and ``StorageReader`` over the repository), so each rank's shards become content-addressed, hashed objects and one
-rank commits the manifest after every rank finished. No protocol of ckptkit's own."""
+rank commits the manifest after every rank finished. No protocol of ckptkit's own.
 
-__all__: list[str] = []
+Two functions for a training loop, called on every rank (see docs/distributed.md)::
+
+    import ckptkit.distributed as cd
+    result = cd.load(url, {"model": model, "optimizer": opt})      # reshards N -> M; RNG back when N == M
+    cd.save(url, {"model": model, "optimizer": opt}, f"step-{step:08d}")
+
+and the DCP storage classes, for ``dcp.save(..., storage_writer=RepositoryWriter(url, name))`` and
+``dcp.load(..., storage_reader=RepositoryReader(url, name))``. Importing this package imports
+``torch.distributed.checkpoint``; ``import ckptkit`` does not import it.
+"""
+
+from ckptkit.distributed.checkpoint import load, save
+from ckptkit.distributed.storage import RepositoryReader, RepositoryWriter
+
+__all__ = ["RepositoryReader", "RepositoryWriter", "load", "save"]

@@ -124,6 +124,11 @@ def restore_state(
 
 def _check_components(manifest: Manifest, state: Mapping[str, object], strict: bool, rng: bool) -> list[str]:
     saved_comps = manifest.components
+    dcp = saved_comps.get("dcp")
+    if dcp is not None and "world_size" in dcp.meta:  # written by ckptkit.distributed.save
+        raise ManifestError(f"checkpoint {manifest.name!r}", f"a sharded checkpoint written by "
+                            f"{dcp.meta['world_size']} rank(s): load it with ckptkit.distributed.load (on any number "
+                            "of ranks, or in one process without a process group)")  # fmt: skip
     absent = [n for n in state if n not in saved_comps]
     if absent and strict:
         raise StateMismatchError(
