@@ -74,6 +74,11 @@ def test_demo_kills_resumes_and_matches_the_uninterrupted_run(tmp_path: Path) ->
     assert "3.weight   reinit_shape  [1, 64] -> [3, 64]" in proc.stdout and "lineage transfer from" in proc.stdout
     lineage = proc.stdout.split("8. lineage")[1]
     assert "[transfer]" in lineage and "[continue]" in lineage and "[resume]" in lineage
+    # the demo records its dataset: the classifier's audit lists it with the samples the run consumed
+    cls_url = proc.stdout.split("ckptkit audit ")[1].split()[0]
+    audit = subprocess.run([sys.executable, "-m", "ckptkit.cli", "audit", cls_url], capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+    assert audit.returncode == 0 and "noisy-regression: " in audit.stdout, audit.stdout + audit.stderr
 
 
 def test_export_command_writes_the_framework_files(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from ckptkit.errors import InvalidArgumentError
 from ckptkit.history.chain import verify_chain
 from ckptkit.history.graph import history
 from ckptkit.history.render import render
+from ckptkit.schema import DataSegment
+from ckptkit.training.fingerprints import fingerprint
 from ckptkit.training.loader import ResumableLoader
 from ckptkit.training.schedule import PlannedLR
 
@@ -64,6 +66,13 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def segment() -> DataSegment:
+    """The demo's dataset as the data manifest records it: name, fingerprint of its content, size, split."""
+    x, y = data()
+    return DataSegment(name="noisy-regression", uri="ckptkit-demo://noisy-regression", split="train",
+                       fingerprint=fingerprint(torch.utils.data.TensorDataset(x, y)), size=DATASET)  # fmt: skip
+
+
 def loop(state: dict[str, Any], mgr: ckptkit.CheckpointManager, step: int, steps: int, delay: float) -> int:
     """A plain training loop; the only ckptkit line is ``mgr.save``."""
     model, opt, sched, loader = state["model"], state["optimizer"], state["scheduler"], state["loader"]
@@ -88,7 +97,7 @@ def train(url: str, steps: int, every: int, delay: float) -> None:
     """The worker: build, restore if there is anything to restore, train, save every ``every`` steps."""
     state = build(steps=steps)
     mgr = ckptkit.CheckpointManager(url, state, every=every, retention=ckptkit.Retention(keep_last=3),
-                                    hparams={"lr": 3e-3, "batch_size": BATCH})  # fmt: skip
+                                    hparams={"lr": 3e-3, "batch_size": BATCH}, data=segment())  # fmt: skip
     resumed = mgr.restore()  # None on a fresh run
     start = resumed.progress.global_step if resumed else 0
     if resumed:
@@ -137,7 +146,7 @@ def run_demo(base: str, steps: int = 60) -> int:
     print("5. continue the finished run: 20 more steps, batch size 32 -> 64, LR schedule 'restart' (a new warmup "
           "and decay; 'extend' would hold the finished schedule's final LR)")
     state = build(steps=steps, batch=2 * BATCH)
-    mgr = ckptkit.CheckpointManager(run_url, state, hparams={"lr": 3e-3, "batch_size": 2 * BATCH})
+    mgr = ckptkit.CheckpointManager(run_url, state, hparams={"lr": 3e-3, "batch_size": 2 * BATCH}, data=segment())
     res = mgr.continue_from(schedule="restart", total_steps=steps + 20, warmup_steps=4,
                             hparams={"lr": 3e-3, "batch_size": 2 * BATCH})  # fmt: skip
     sched = state["scheduler"]
