@@ -509,6 +509,11 @@ def demo_cmd(url: str, steps: int) -> None:
     sys.exit(run_demo(url, steps))
 
 
+from ckptkit.cli.catalog import catalog as catalog_group  # noqa: E402
+
+main.add_command(catalog_group)
+
+
 def run() -> None:
     """Entry point: every error a user can cause ends in one ``error: ...`` line on stderr, never a traceback.
 

@@ -1,0 +1,1 @@
+"""One module per schema revision, named ``vNNNN_*.py``; ``revision`` is ``NNNN``."""

@@ -1,0 +1,301 @@
+"""The catalog's questions, as SQL that SQLite and PostgreSQL both run (recursive CTEs for lineage).
+
+Every query returns :class:`CheckpointRecord` rows built from the same few selects, so the CLI's tables and
+``--json`` show the same fields for every verb.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Select, and_, exists, func, literal, or_, select
+
+from ckptkit.catalog import tables as t
+from ckptkit.catalog.tensors import TensorHash
+from ckptkit.errors import CheckpointNotFoundError, InvalidArgumentError
+from ckptkit.schema import canonical_json
+
+__all__ = [
+    "WEIGHT_RELATIONS",
+    "CheckpointRecord",
+    "FindMatch",
+    "Location",
+    "ancestors",
+    "best",
+    "descendants",
+    "find",
+    "listing",
+    "records",
+    "resolve_id",
+    "where_data",
+]
+
+WEIGHT_RELATIONS = ("train", "resume", "continue", "transfer", "import")
+"""Edges along which weights flow from a parent into its child (every relation but ``init``, which has no parent):
+what :func:`where_data` follows from a checkpoint that saw the data to the checkpoints trained from it."""
+_STATUS_ORDER = {s: i for i, s in enumerate(t.STATUSES)}
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a checkpoint is, or was: a repository, its name there and its status (see ``tables.STATUSES``)."""
+
+    repo: str
+    name: str
+    status: str
+    objects_missing: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """One indexed checkpoint: its manifest's id and summary, and where it lives.
+
+    ``repo``, ``name`` and ``status`` are those of its first location (in the repository a query was limited to,
+    else committed before incomplete, archived and removed); ``locations`` lists them all. ``depth`` is the
+    number of lineage edges from the checkpoint a lineage query started at (0: that checkpoint, or one that saw
+    the data itself), None for other queries.
+    """
+
+    id: str
+    name: str
+    repo: str
+    status: str
+    relation: str
+    created_at: datetime
+    epoch: int
+    global_step: int
+    samples_seen: int
+    size: int
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    data: list[str] = field(default_factory=list)
+    parents: list[tuple[str, str]] = field(default_factory=list)  # (parent id, relation)
+    locations: tuple[Location, ...] = ()
+    depth: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready data (``--json`` output); ``created_at`` in ISO 8601 with its offset."""
+        return {"id": self.id, "name": self.name, "repo": self.repo, "status": self.status,
+                "relation": self.relation, "created_at": self.created_at.isoformat(), "epoch": self.epoch,
+                "global_step": self.global_step, "samples_seen": self.samples_seen, "size": self.size,
+                "metrics": self.metrics, "hparams": self.hparams, "data": self.data,
+                "parents": [{"id": i, "relation": r} for i, r in self.parents],
+                "locations": [vars(loc) for loc in self.locations], "depth": self.depth}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FindMatch:
+    """A checkpoint whose model component holds the tensors looked for: all of them and nothing else
+    (``exact``), or all of them among more (the file is part of the model: an export that left tensors out)."""
+
+    checkpoint: CheckpointRecord
+    component: str
+    exact: bool
+    matched: int
+    tensors: int
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready data (``--json`` output)."""
+        return {"component": self.component, "exact": self.exact, "matched": self.matched,
+                "tensors": self.tensors, **self.checkpoint.to_json()}  # fmt: skip
+
+
+def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i : i + _CHUNK]
+
+
+def records(conn: Connection, ids: Sequence[str], *, repo_id: int | None = None,
+            depth: Mapping[str, int] | None = None) -> list[CheckpointRecord]:  # fmt: skip
+    """The records of ``ids``, in that order (ids not in the catalog are left out)."""
+    ids = list(dict.fromkeys(ids))
+    base: dict[str, Any] = {}  # id -> its checkpoints row
+    locs: dict[str, list[tuple[int, Location]]] = {}
+    mets: dict[str, dict[str, float | None]] = {}
+    hps: dict[str, dict[str, Any]] = {}
+    data: dict[str, list[str]] = {}
+    pars: dict[str, list[tuple[str, str]]] = {}
+    for batch in _chunks(ids):
+        for crow in conn.execute(select(t.checkpoints).where(t.checkpoints.c.id.in_(batch))):
+            base[crow.id] = crow
+        q = (select(t.locations, t.repositories.c.url)
+             .join(t.repositories, t.repositories.c.id == t.locations.c.repository_id)
+             .where(t.locations.c.checkpoint_id.in_(batch)))  # fmt: skip
+        for row in conn.execute(q):
+            locs.setdefault(row.checkpoint_id, []).append(
+                (row.repository_id, Location(row.url, row.name, row.status, row.objects_missing)))
+        for row in conn.execute(select(t.metrics).where(t.metrics.c.checkpoint_id.in_(batch))):
+            mets.setdefault(row.checkpoint_id, {})[row.name] = row.value
+        for row in conn.execute(select(t.hparams).where(t.hparams.c.checkpoint_id.in_(batch))):
+            hps.setdefault(row.checkpoint_id, {})[row.key] = json.loads(row.value)
+        for row in conn.execute(select(t.data_segments).where(t.data_segments.c.checkpoint_id.in_(batch))
+                                .order_by(t.data_segments.c.position)):  # fmt: skip
+            data.setdefault(row.checkpoint_id, []).append(row.name)
+        for row in conn.execute(select(t.parents).where(t.parents.c.child_id.in_(batch))
+                                .order_by(t.parents.c.position)):  # fmt: skip
+            pars.setdefault(row.child_id, []).append((row.parent_id, row.relation))
+    out = []
+    for cid in ids:
+        if cid not in base:
+            continue
+        row = base[cid]
+        ordered = sorted(locs.get(cid, []), key=lambda rl: (rl[0] != repo_id, _STATUS_ORDER.get(rl[1].status, 9),
+                                                             rl[1].repo))  # fmt: skip
+        first = ordered[0][1] if ordered else Location("", row.name, "removed")
+        out.append(CheckpointRecord(
+            id=cid, name=first.name, repo=first.repo, status=first.status, relation=row.relation,
+            created_at=row.created_at.replace(tzinfo=timezone.utc), epoch=row.epoch, global_step=row.global_step,
+            samples_seen=row.samples_seen, size=row.size, metrics=mets.get(cid, {}), hparams=hps.get(cid, {}),
+            data=data.get(cid, []), parents=pars.get(cid, []), locations=tuple(loc for _, loc in ordered),
+            depth=None if depth is None else depth.get(cid)))  # fmt: skip
+    return out
+
+
+def resolve_id(conn: Connection, id_or_prefix: str, catalog: str) -> str:
+    """The full id of an indexed checkpoint from its id or a unique prefix of it (at least 4 characters).
+
+    Raises:
+        CheckpointNotFoundError: no indexed checkpoint has that id.
+        InvalidArgumentError: the prefix is shorter than 4 characters or names several checkpoints.
+    """
+    s = id_or_prefix.strip().lower()
+    if len(s) < 4 or any(c not in "0123456789abcdef" for c in s):
+        raise InvalidArgumentError(f"{id_or_prefix!r} is not a checkpoint id: give the id (64 hex characters, "
+                                   "`ckptkit show URL` prints it) or at least its first 4")  # fmt: skip
+    hits = list(conn.execute(select(t.checkpoints.c.id).where(t.checkpoints.c.id.like(f"{s}%")).limit(5)).scalars())
+    if not hits:
+        raise CheckpointNotFoundError(catalog, id_or_prefix)
+    if len(hits) > 1:
+        shown = ", ".join(h[:16] for h in hits)
+        raise InvalidArgumentError(f"id prefix {id_or_prefix!r} names several checkpoints ({shown} ...): give more "
+                                   "of the id")  # fmt: skip
+    return str(hits[0])
+
+
+def _ordered(conn: Connection, depth: Mapping[str, int], repo_id: int | None = None) -> list[CheckpointRecord]:
+    recs = records(conn, list(depth), repo_id=repo_id, depth=depth)
+    return sorted(recs, key=lambda r: (r.depth or 0, r.created_at, r.global_step, r.id))
+
+
+def _walk(conn: Connection, seed: Select[Any], up: bool, relations: Sequence[str] | None) -> dict[str, int]:
+    """ids -> fewest edges from ``seed`` (a select of ``id, depth``), following parent links up or down."""
+    cte = seed.cte("walk", recursive=True)
+    p = t.parents
+    nxt, prev = (p.c.parent_id, p.c.child_id) if up else (p.c.child_id, p.c.parent_id)
+    step = select(nxt.label("id"), (cte.c.depth + 1).label("depth")).join(cte, prev == cte.c.id)
+    if relations is not None:
+        step = step.where(p.c.relation.in_(relations))
+    cte = cte.union(step)
+    q = select(cte.c.id, func.min(cte.c.depth)).group_by(cte.c.id)
+    return {str(i): int(d) for i, d in conn.execute(q)}
+
+
+def where_data(conn: Connection, needle: str) -> list[CheckpointRecord]:
+    """Checkpoints whose weights saw the dataset named ``needle`` (its name or its fingerprint): those that list
+    it among their data segments (depth 0) and those trained from one of them along :data:`WEIGHT_RELATIONS`
+    edges (depth = edges from the nearest that lists it). Oldest first within each depth."""
+    seg = t.data_segments
+    seed = (select(seg.c.checkpoint_id.label("id"), literal(0).label("depth"))
+            .where(or_(seg.c.name == needle, seg.c.fingerprint == needle)).distinct())  # fmt: skip
+    return _ordered(conn, _walk(conn, seed, up=False, relations=WEIGHT_RELATIONS))
+
+
+def descendants(conn: Connection, cid: str) -> list[CheckpointRecord]:
+    """Every indexed checkpoint that descends from ``cid`` by any relation, in any repository, nearest first."""
+    seed = select(t.parents.c.child_id.label("id"), literal(1).label("depth")).where(t.parents.c.parent_id == cid)
+    return _ordered(conn, _walk(conn, seed, up=False, relations=None))
+
+
+def ancestors(conn: Connection, cid: str) -> list[CheckpointRecord]:
+    """Every indexed ancestor of ``cid``, in any repository, nearest first (parents not indexed are left out)."""
+    seed = select(t.parents.c.parent_id.label("id"), literal(1).label("depth")).where(t.parents.c.child_id == cid)
+    return _ordered(conn, _walk(conn, seed, up=True, relations=None))
+
+
+def _located(repo_id: int | None, statuses: Sequence[str] | None) -> Any:
+    cond = [t.locations.c.checkpoint_id == t.checkpoints.c.id]
+    if repo_id is not None:
+        cond.append(t.locations.c.repository_id == repo_id)
+    if statuses is not None:
+        cond.append(t.locations.c.status.in_(statuses))
+    return exists(select(literal(1)).select_from(t.locations).where(and_(*cond)))
+
+
+def best(conn: Connection, metric: str, mode: Literal["min", "max"], *, repo_id: int | None = None,
+         statuses: Sequence[str] | None = ("committed",), limit: int = 1) -> list[CheckpointRecord]:  # fmt: skip
+    """The ``limit`` checkpoints with the lowest (``min``) or highest (``max``) finite value of ``metric``, among
+    those in ``statuses`` (restorable ones by default), newest first among equals."""
+    m = t.metrics
+    order = m.c.value.asc() if mode == "min" else m.c.value.desc()
+    q = (select(t.checkpoints.c.id).join(m, m.c.checkpoint_id == t.checkpoints.c.id)
+         .where(m.c.name == metric, m.c.value.is_not(None), _located(repo_id, statuses))
+         .order_by(order, t.checkpoints.c.created_at.desc(), t.checkpoints.c.id).limit(limit))  # fmt: skip
+    return records(conn, list(conn.execute(q).scalars()), repo_id=repo_id)
+
+
+def listing(conn: Connection, *, repo_id: int | None = None, relation: str | None = None,
+            since: datetime | None = None, hparams: Mapping[str, Any] | None = None,
+            statuses: Sequence[str] | None = None, limit: int | None = None) -> list[CheckpointRecord]:  # fmt: skip
+    """Indexed checkpoints, oldest first, filtered: in a repository, by the relation of their lineage edge,
+    created at or after ``since``, with these hyperparameter values (compared as canonical JSON), in ``statuses``."""
+    c = t.checkpoints.c
+    q = select(c.id)
+    if repo_id is not None or statuses is not None:
+        q = q.where(_located(repo_id, statuses))
+    if relation is not None:
+        q = q.where(c.relation == relation)
+    if since is not None:
+        q = q.where(c.created_at >= since.astimezone(timezone.utc).replace(tzinfo=None))
+    for k, v in (hparams or {}).items():
+        q = q.where(exists(select(literal(1)).select_from(t.hparams).where(
+            t.hparams.c.checkpoint_id == c.id, t.hparams.c.key == k, t.hparams.c.value == canonical_json(v).decode())))
+    q = q.order_by(c.created_at, c.global_step, c.id)
+    if limit is not None:
+        q = q.limit(limit)
+    return records(conn, list(conn.execute(q).scalars()), repo_id=repo_id)
+
+
+def find(conn: Connection, wanted: Mapping[str, TensorHash]) -> list[FindMatch]:
+    """Model components that hold every tensor of ``wanted`` (by content hash), exact ones first."""
+    hashes = sorted({h.tensor_hash for h in wanted.values()})
+    where: dict[tuple[str, str], str] = {}  # (object, key) -> tensor hash, for the tensors looked for
+    for batch in _chunks(hashes):
+        for row in conn.execute(select(t.object_tensors.c.object, t.object_tensors.c.key,
+                                       t.object_tensors.c.tensor_hash)
+                                .where(t.object_tensors.c.tensor_hash.in_(batch))):  # fmt: skip
+            where[(row.object, row.key)] = row.tensor_hash
+    objects = sorted({o for o, _ in where})
+    seen: dict[tuple[str, str], set[str]] = {}
+    for batch in _chunks(objects):
+        ct = t.component_tensors
+        for crow in conn.execute(select(ct.c.checkpoint_id, ct.c.component, ct.c.object, ct.c.key)
+                                 .where(ct.c.object.in_(batch))):  # fmt: skip
+            h = where.get((crow.object, crow.key))
+            if h is not None:
+                seen.setdefault((crow.checkpoint_id, crow.component), set()).add(h)
+    hits = sorted(k for k, v in seen.items() if len(v) == len(hashes))
+    if not hits:
+        return []
+    ct, ot = t.component_tensors, t.object_tensors
+    totals: dict[tuple[str, str], tuple[set[str | None], int]] = {}
+    for batch in _chunks(sorted({cid for cid, _ in hits})):
+        q = (select(ct.c.checkpoint_id, ct.c.component, ot.c.tensor_hash)
+             .join(ot, (ot.c.object == ct.c.object) & (ot.c.key == ct.c.key), isouter=True)
+             .where(ct.c.checkpoint_id.in_(batch)))  # fmt: skip
+        for trow in conn.execute(q):
+            got, n = totals.get((trow.checkpoint_id, trow.component), (set(), 0))
+            got.add(trow.tensor_hash)
+            totals[(trow.checkpoint_id, trow.component)] = (got, n + 1)
+    recs = {r.id: r for r in records(conn, [cid for cid, _ in hits])}
+    out = []
+    for cid, comp in hits:
+        got, _n = totals[(cid, comp)]
+        exact = None not in got and got == set(hashes)
+        out.append(FindMatch(recs[cid], comp, exact, len(hashes), len(got)))
+    out.sort(key=lambda f: (not f.exact, f.checkpoint.created_at, f.checkpoint.id))
+    return out
