@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import ckptkit.codecs  # noqa: F401  (registers the decoders of compressed objects with the storage layer)
 from ckptkit.errors import CorruptObjectError, ManifestError, UnsupportedStateError
 from ckptkit.hashing import hasher
 

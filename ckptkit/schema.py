@@ -15,7 +15,15 @@ from collections.abc import Collection, Mapping
 from typing import Annotated, Any, Literal
 
 import blake3
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, PlainSerializer, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PlainSerializer,
+    ValidationError,
+)
 
 from ckptkit.errors import FormatVersionError, ManifestError
 from ckptkit.hashing import HASH_RE, NAME_RE
@@ -46,8 +54,11 @@ __all__ = [
     "resolve_aliases",
 ]
 
-FORMAT_VERSION = 1
-"""The manifest format this version of ckptkit writes. Every older version is read (migrated) too."""
+FORMAT_VERSION = 2
+"""The newest manifest format this version of ckptkit writes. Every older version is read (migrated) too.
+
+A manifest is written in the oldest version that can hold it: version 1 unless an object is recorded with a codec
+(version 2 added ``objects.<hash>.codec``), so repositories without compression stay readable by older ckptkit."""
 
 
 Hash = Annotated[str, Field(pattern=HASH_RE, description="blake3 hex digest (64 characters)")]
@@ -153,9 +164,16 @@ class Lineage(_Strict):
 
 
 class ObjectInfo(_Strict):
-    """An object the checkpoint references: its hash (also its name in the repository) and size."""
+    """An object the checkpoint references: its hash (also its name in the repository) and size.
+
+    ``size`` and the hash are those of the object's bytes (uncompressed), whatever form it is stored in. ``codec``
+    (format version 2) records the codec it was stored with when this manifest was written (absent: raw, or not
+    known); a reader never relies on it: a stored object says its own form in its first bytes.
+    """
 
     size: int = Field(ge=0)
+    codec: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+                              description="codec the object is stored with (format version 2); absent: raw")
 
 
 class Manifest(_Strict):
@@ -177,7 +195,7 @@ class Manifest(_Strict):
 
     def payload(self) -> dict[str, Any]:
         """The manifest as JSON-ready data, without ``id`` (what the id is the hash of)."""
-        data = self.model_dump(mode="json")
+        data = _as_written(self)
         data.pop("id")
         return data
 
@@ -229,11 +247,13 @@ def manifest_id(payload: dict[str, Any]) -> str:
 
 def build_manifest(**fields: Any) -> Manifest:
     """Validate ``fields`` into a manifest of the current format version and compute its id."""
-    fields = {"format_version": FORMAT_VERSION, **fields, "id": "0" * 64}
+    fields = {"format_version": 1, **fields, "id": "0" * 64}
     try:
         draft = Manifest.model_validate(fields)
     except ValidationError as err:
         raise ManifestError(f"for {fields.get('name')!r}", _short(err)) from err
+    if any(o.codec is not None for o in draft.objects.values()):  # the oldest version that holds it
+        draft = draft.model_copy(update={"format_version": max(draft.format_version, 2)})
     try:
         return draft.model_copy(update={"id": manifest_id(draft.payload())})
     except (ValueError, UnicodeEncodeError) as err:  # inf in hparams, a lone surrogate in a string, ...
@@ -246,11 +266,29 @@ def build_manifest(**fields: Any) -> Manifest:
 
 def dump_manifest(manifest: Manifest) -> bytes:
     """The bytes written to storage: canonical JSON of the whole manifest, id included."""
-    return canonical_json(manifest.model_dump(mode="json"))
+    return canonical_json(_as_written(manifest))
+
+
+def _as_written(manifest: Manifest) -> dict[str, Any]:
+    """The manifest as JSON-ready data. A raw object is written as before version 2 (``{"size": n}``, no codec),
+    so manifests without compression keep their bytes and stay readable by older ckptkit."""
+    data = manifest.model_dump(mode="json")
+    for info in data["objects"].values():
+        if info.get("codec") is None:
+            info.pop("codec", None)
+    return data
+
+
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    # Version 2 only added objects.<hash>.codec (absent: raw): a version 1 manifest is a version 2 one as it is.
+    return data
 
 
 # Migrations from older format versions: version -> function turning that version's JSON into the next one's.
-_MIGRATIONS: dict[int, Any] = {}
+# They leave format_version as stored (the id covers it, and it says which ckptkit can read the manifest).
+_MIGRATIONS: dict[int, Any] = {1: _v1_to_v2}
+# Versions whose top-level fields are in the order Manifest declares them (checked on read).
+_ORDERED_VERSIONS = frozenset({1, 2})
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:
@@ -306,7 +344,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         )
     if canonical != bytes(raw):
         raise ManifestError(where, _not_as_committed(bytes(raw), canonical))
-    if version == FORMAT_VERSION:  # the id is outside what it hashes: its place is checked here
+    if version in _ORDERED_VERSIONS:  # the id is outside what it hashes: its place is checked here
         fields = [k for k in data if k in Manifest.model_fields]
         expected = [k for k in Manifest.model_fields if k in data]
         if fields != expected:
@@ -319,7 +357,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             )
     while version < FORMAT_VERSION:
         data = _MIGRATIONS[version](data)
-        version = data["format_version"]
+        version += 1
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as err:

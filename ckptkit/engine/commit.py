@@ -3,6 +3,7 @@ manifest last. Internal engine (used by the facade, the manager and the importer
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as _dt
 import functools
 import os
@@ -15,7 +16,8 @@ from typing import Any, cast
 
 import torch
 
-from ckptkit.format import DEFAULT_OBJECT_SIZE, dtype_code, group, pack
+from ckptkit import codecs
+from ckptkit.format import DEFAULT_OBJECT_SIZE, PackedObject, dtype_code, group, pack
 from ckptkit.schema import (
     Component,
     DataSegment,
@@ -33,7 +35,11 @@ from ckptkit.state import Captured
 from ckptkit.storage import Repository
 from ckptkit.version import __version__
 
-__all__ = ["commit_captured", "environment"]
+__all__ = ["ENCODE_BATCH", "commit_captured", "environment"]
+
+ENCODE_BATCH = 512 << 20
+"""Bytes of objects encoded (in parallel) before they are written, when the repository stores them compressed:
+what an encoded save holds in memory beyond the state itself."""
 
 
 @functools.cache
@@ -64,8 +70,18 @@ def commit_captured(
     data: list[DataSegment] | None = None,
     lineage: Lineage | None = None,
     object_size: int = DEFAULT_OBJECT_SIZE,
+    codec: str | None = None,
 ) -> Manifest:
-    """Pack captured components into objects, store the missing ones, and commit the manifest."""
+    """Pack captured components into objects, store the missing ones, and commit the manifest.
+
+    ``codec`` (default: the repository's, :attr:`Repository.codec`; None there: raw) encodes the objects this save
+    writes (their names stay the hash of their raw bytes); the manifest records each object's stored form.
+    """
+    where = "codec"
+    if codec is None:
+        codec, where = r.codec, f"codec (in {r.url}/repository.json)"
+    if codec is not None:
+        codecs.check_codec(codec, where)
     packed = {}
     refs: dict[str, dict[str, TensorRef]] = {}
     for comp in captured:
@@ -87,7 +103,7 @@ def commit_captured(
                           state=c.json, meta=c.meta)
         for c in captured
     }
-    manifest = build_manifest(
+    fields: dict[str, Any] = dict(
         name=name,
         created_at=_dt.datetime.now(_dt.timezone.utc),
         environment=environment(),
@@ -99,8 +115,61 @@ def commit_captured(
         metrics=dict(metrics or {}),
         lineage=lineage or Lineage(),
     )
-    raw = dump_manifest(manifest)
+    manifest = build_manifest(**fields)  # validated before anything is written
+    if codec is None:
+        raw = dump_manifest(manifest)
+        with r.pending(packed):
+            r.write_objects([(h, packed[h].chunks()) for h in r.missing_objects(packed)])
+            r.commit(name, raw)
+        return manifest
     with r.pending(packed):
-        r.write_objects([(h, packed[h].chunks()) for h in r.missing_objects(packed)])
-        r.commit(name, raw)
+        missing = r.missing_objects(packed)
+        stored = _write_encoded(r, codec, packed, missing)
+        stored.update(_stored_codecs(r, [h for h in packed if h not in stored]))
+        fields["objects"] = {h: ObjectInfo(size=o.size, codec=stored[h]) for h, o in packed.items()}
+        manifest = build_manifest(**fields)
+        r.commit(name, dump_manifest(manifest))
     return manifest
+
+
+def _write_encoded(
+    r: Repository, codec: str, packed: dict[str, PackedObject], missing: list[str]
+) -> dict[str, str | None]:
+    """Encode and write the ``missing`` objects, a batch of :data:`ENCODE_BATCH` bytes at a time (encoded in
+    parallel); the codec each was stored with (None: it did not shrink enough, stored raw)."""
+    out: dict[str, str | None] = {}
+    workers = min(os.cpu_count() or 1, 8)
+
+    def one(h: str) -> tuple[str, list[memoryview]]:
+        obj = packed[h]
+        enc = codecs.encode(codec, obj.buffers, obj.size)
+        out[h] = None if enc is None else codec
+        return h, enc if enc is not None else obj.buffers
+
+    batches: list[list[str]] = [[]]
+    size = 0
+    for h in missing:
+        if batches[-1] and size + packed[h].size > ENCODE_BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append(h)
+        size += packed[h].size
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckptkit-encode") as pool:
+        for batch in batches:
+            if batch:
+                r.write_objects([(h, list(chunks)) for h, chunks in pool.map(one, batch)])
+    return out
+
+
+def _stored_codecs(r: Repository, hashes: list[str]) -> dict[str, str | None]:
+    """The stored form of objects the repository already holds (their first bytes say it)."""
+    def one(h: str) -> str | None:
+        try:
+            return codecs.stored_codec(r.read_object_prefix(h))
+        except FileNotFoundError:  # pragma: no cover - it existed a moment ago; gc cannot delete it under pending
+            return None
+
+    if not hashes:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(min(len(hashes), 8), thread_name_prefix="ckptkit-probe") as pool:
+        return dict(zip(hashes, pool.map(one, hashes), strict=True))

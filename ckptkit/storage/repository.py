@@ -7,6 +7,7 @@ Layout::
     <repo>/pending/<token>.json         objects an in-flight save will reference (protects them from gc)
     <repo>/lineage/<id>.json            manifests of pruned checkpoints, kept for their history
     <repo>/gc.lock                      held while gc deletes
+    <repo>/repository.json              settings every writer honours (the codec); absent: the defaults
 
 This layer moves bytes; it never sees tensors. The semantics live here once, on top of the
 :class:`~ckptkit.storage.backend.Backend` protocol; the backends (local disk, S3, any other fsspec
@@ -54,12 +55,14 @@ import json
 import math
 import os
 import posixpath
+import re
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any
 
 from ckptkit.errors import (
@@ -71,7 +74,7 @@ from ckptkit.errors import (
     RepositoryBusyError,
     StorageFullError,
 )
-from ckptkit.hashing import check_hash, check_name, is_hash, is_name
+from ckptkit.hashing import check_hash, check_name, hash_bytes, is_hash, is_name
 from ckptkit.storage.backend import (
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_PART_SIZE,
@@ -82,7 +85,7 @@ from ckptkit.storage.backend import (
 )
 from ckptkit.storage.local import LocalBackend
 
-__all__ = ["LOCK_STALE_AFTER", "STALE_AFTER", "GcReport", "Repository"]
+__all__ = ["CONFIG_MAX_SIZE", "LOCK_STALE_AFTER", "STALE_AFTER", "GcReport", "Repository", "register_decoder"]
 
 STALE_AFTER = 6 * 3600.0
 """Seconds after which a pending record is taken to belong to a crashed save (and a temporary file or an
@@ -101,6 +104,29 @@ _MTIME_RESOLUTION = 1.0
 older than it is; a lock counts as stale only once its lease plus this has passed."""
 
 _OBJECTS, _CHECKPOINTS, _PENDING, _LINEAGE, _LOCK = "objects", "checkpoints", "pending", "lineage", "gc.lock"
+_CONFIG = "repository.json"
+CONFIG_MAX_SIZE = 64 << 10
+"""Bytes: a repository config larger than this is refused unread."""
+_CODEC_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+# Stored forms other than raw bytes: an object whose bytes start with a registered prefix is decoded by its
+# function (bytes, the manifest's size or None, the object's path) into the bytes its name is the hash of. The
+# codecs (ckptkit.codecs, above this layer: they need element sizes) register themselves when imported; this
+# layer only moves bytes.
+_DECODERS: dict[bytes, Callable[[memoryview, int | None, str], memoryview]] = {}
+
+
+def register_decoder(prefix: bytes, decode: Callable[[memoryview, int | None, str], memoryview]) -> None:
+    """Have :meth:`Repository.read_object` decode stored objects whose bytes start with ``prefix`` by ``decode``
+    (``decode(stored, size, path)`` returns exactly the object's bytes, or raises ``CorruptObjectError``); the
+    object's hash is checked on what it returns. Called by :mod:`ckptkit.codecs` when imported.
+
+    Example:
+        >>> register_decoder(b"\\x89CKC\\r\\n\\x1a\\n", lambda stored, size, path: stored)  # doctest: +SKIP
+    """
+    if not isinstance(prefix, bytes) or len(prefix) < 8:
+        raise InvalidArgumentError(f"a decoder's prefix must be at least 8 bytes, got {prefix!r}")
+    _DECODERS[prefix] = decode
 
 
 @dataclass(frozen=True)
@@ -164,6 +190,7 @@ class Repository:
         self.max_concurrency: int = getattr(self.backend, "max_concurrency", DEFAULT_MAX_CONCURRENCY)
         self._holder: _LockHolder | None = None  # while this object holds the gc lock
         self._protected: set[str] = set()  # objects of the saves in flight when the lock was taken
+        self._codec: str | EllipsisType | None = ...  # the configured codec, read on first use
 
     def __repr__(self) -> str:
         return f"Repository({self.url!r})"
@@ -219,17 +246,85 @@ class Repository:
     def read_object(self, h: str, size: int | None = None) -> memoryview:
         """Read an object and verify its hash (and size, when known); a writable buffer of its bytes.
 
+        An object stored encoded by a codec (compressed: its first bytes say so, see :func:`register_decoder`) is
+        decoded, bounded by ``size``, and the hash is checked on the decoded bytes: the name of an object is the
+        hash of its bytes whatever form it is stored in.
+
         Raises:
             FileNotFoundError: the object does not exist.
             CorruptObjectError: its bytes do not hash to ``h``, it has not ``size`` bytes (a larger one is
-                refused unread), or it is not a regular file.
+                refused unread), it is not a regular file, or it is stored encoded and its encoded data is damaged.
         """
         buf, found = self.backend.get(self._object_key(h), size)  # a larger file is refused unread
-        if size is not None and len(buf) != size:
-            raise CorruptObjectError(self.object_path(h), f"{size} bytes", f"{len(buf)} bytes", "size differs")
-        if found != h:
+        if found == h and (size is None or len(buf) == size):
+            return buf
+        decode = next((f for p, f in _DECODERS.items() if bytes(buf[: len(p)]) == p), None)
+        if decode is None:
+            if size is not None and len(buf) != size:
+                raise CorruptObjectError(self.object_path(h), f"{size} bytes", f"{len(buf)} bytes", "size differs")
             raise CorruptObjectError(self.object_path(h), h, found)
-        return buf
+        data = decode(buf, size, self.object_path(h))
+        del buf
+        found = hash_bytes(data)
+        if found != h:
+            raise CorruptObjectError(self.object_path(h), h, found, "hash of the decoded bytes")
+        return data
+
+    def read_object_prefix(self, h: str, n: int = 80) -> bytes:
+        """The first ``n`` bytes of an object as stored (what tells its stored form), unverified.
+
+        Raises:
+            FileNotFoundError: the object does not exist.
+        """
+        info = self.backend.info(self._object_key(h))
+        return self.backend.get_range(self._object_key(h), 0, min(n, info.size))
+
+    # --- configuration -------------------------------------------------------------------------------------
+
+    @property
+    def codec(self) -> str | None:
+        """The codec new objects are stored with (``repository.json``; None, the default: raw), read once per
+        Repository object. Objects say their own form when read, so changing it never breaks a checkpoint.
+
+        Raises:
+            ManifestError: ``repository.json`` is not a config record ckptkit wrote.
+        """
+        if self._codec is ...:
+            try:
+                data, _ = self.backend.get(_CONFIG, CONFIG_MAX_SIZE)
+            except FileNotFoundError:
+                self._codec = None
+                return None
+            except CorruptObjectError as err:
+                raise ManifestError(posixpath.join(self.root, _CONFIG), f"expected {err.expected}, found "
+                                    f"{err.found}; not read: remove it, then configure the repository "
+                                    "again") from err  # fmt: skip
+            self._codec = _parse_config(bytes(data), posixpath.join(self.root, _CONFIG))
+        return self._codec
+
+    def configure(self, *, codec: str | None) -> None:
+        """Store the repository's settings in ``<repo>/repository.json``, for every later writer in any process.
+
+        Args:
+            codec: how new objects are stored: ``"byteplane-zstd"`` (lossless compression; see
+                docs/format.md) or None (raw, the default). Objects already stored keep their form.
+
+        Raises:
+            InvalidArgumentError: ``codec`` is not a codec name.
+
+        Example:
+            >>> repo = Repository("memory://docs-configure")
+            >>> repo.configure(codec="byteplane-zstd")
+            >>> Repository("memory://docs-configure").codec
+            'byteplane-zstd'
+        """
+        if codec is not None and (not isinstance(codec, str) or not _CODEC_NAME.fullmatch(codec)):
+            raise InvalidArgumentError(f"codec={codec!r}: use a codec name such as 'byteplane-zstd', or None for "
+                                       "raw objects")  # fmt: skip
+        record = json.dumps({"version": 1, "codec": codec}, sort_keys=True).encode()
+        with self._writing(_CONFIG):
+            self.backend.put([(_CONFIG, [memoryview(record)])])
+        self._codec = codec
 
     def list_objects(self) -> dict[str, int]:
         """Every stored object: hash -> size."""
@@ -694,6 +789,19 @@ class _LockHolder:
         except Exception:
             if not quiet:
                 raise  # the lock stays until its lease runs out
+
+
+def _parse_config(raw: bytes, where: str) -> str | None:
+    """The codec a repository's config record names (None: raw); anything else is a ``ManifestError``."""
+    try:
+        rec = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise ManifestError(where, f"not JSON ({err}); remove it and configure the repository again") from err
+    codec = rec.get("codec") if isinstance(rec, dict) else ...
+    if codec is not None and (not isinstance(codec, str) or not _CODEC_NAME.fullmatch(codec)):
+        raise ManifestError(where, f"expected a record {{\"codec\": name or null}}, found {raw[:100]!r}; remove it "
+                            "and configure the repository again")  # fmt: skip
+    return codec
 
 
 def _children(entries: list[Entry], prefix: str) -> list[Entry]:
