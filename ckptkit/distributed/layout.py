@@ -40,6 +40,7 @@ __all__ = [
     "DCP",
     "ByteValue",
     "ShardLocation",
+    "entry_paths",
     "metadata_from_json",
     "metadata_to_json",
     "rng_name",
@@ -236,3 +237,22 @@ def _ints(v: Any, n: int | None, fail: Any, path: str) -> list[int]:
         want = f"{n} " if n is not None else ""
         raise fail(path, f"expected a list of {want}non-negative integers, found {str(v)[:80]}")
     return list(v)
+
+
+def entry_paths(md: Metadata, name: str) -> dict[str, list[str | int]]:
+    """Each entry's path in the saved state dict (DCP's planner data; the key itself when there is none), e.g.
+    ``"model.0.weight" -> ["model", "0.weight"]``; ``name`` is the checkpoint's, for the message.
+
+    Raises:
+        ManifestError: a path is not a non-empty list of keys starting with a name.
+    """
+    mappings = md.planner_data if isinstance(md.planner_data, dict) else {}
+    out: dict[str, list[str | int]] = {}
+    for fqn in md.state_dict_metadata:
+        path = mappings.get(fqn, (fqn,))
+        if not isinstance(path, (tuple, list)) or not path or not isinstance(path[0], str) or not all(
+                isinstance(p, (str, int)) and not isinstance(p, bool) for p in path):  # fmt: skip
+            raise ManifestError(f"of checkpoint {name!r}, component 'dcp'",
+                                f"state.planner_data: the path of {fqn!r} is {str(path)[:80]}, not a list of keys")
+        out[fqn] = list(path)
+    return out
