@@ -154,6 +154,21 @@ def test_unchanged_frozen_shards_are_stored_once(run: dict[str, Any]) -> None:
     assert set(stored) == set(a.objects) | set(b.objects)  # content-addressed: nothing stored twice
 
 
+def test_diff_of_sharded_checkpoints_compares_whole_tensors(run: dict[str, Any]) -> None:
+    """ckptkit.history.diff on two sharded checkpoints: the frozen layer is unchanged without being read, the
+    trained ones changed; against the one-process checkpoint (another world size, other chunks) tensors are read."""
+    from ckptkit.history.diff import diff
+
+    d = diff(run["repo"], "a", run["repo"], "b")
+    assert {k for k, t in d.tensors.items() if t.status == "unchanged"} >= {"0.weight", "0.bias"}
+    assert d.tensors["3.weight"].status == "changed" and (d.tensors["3.weight"].rel_l2 or 0) > 0
+    assert d.counts() == diff(run["repo"], "b", run["repo"], "a").counts()
+    same = diff(run["repo"], "b", run["repo"], "b")
+    assert set(same.counts()) == {"unchanged"}
+    across = diff(run["single"], "c1", run["repo"], "b")
+    assert set(across.tensors) == set(d.tensors) and across.counts().get("changed", 0) >= 1
+
+
 def test_verify_passes_and_a_flipped_shard_byte_is_caught(run: dict[str, Any], tmp_path: Path) -> None:
     assert [(r.name, r.ok) for r in ckptkit.verify(run["repo"])] == [("a", True), ("b", True)]
     copy = tmp_path / "copy"

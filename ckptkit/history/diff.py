@@ -12,6 +12,8 @@ from ckptkit.engine.manifests import RepoLike, latest_manifest
 from ckptkit.engine.tensors import load_tensors
 from ckptkit.errors import InvalidArgumentError
 from ckptkit.history.graph import Index
+from ckptkit.schema import Manifest
+from ckptkit.storage import Repository
 
 __all__ = ["Diff", "TensorChange", "diff"]
 
@@ -63,6 +65,9 @@ def diff(
     out.hparams = _dict_diff(dump_a["hparams"], dump_b["hparams"])
     out.metrics = _dict_diff(dump_a["metrics"], dump_b["metrics"])
     out.data = _dict_diff({d["name"]: d for d in dump_a["data"]}, {d["name"]: d for d in dump_b["data"]})
+    if "dcp" in ma.components and "dcp" in mb.components:  # both sharded (ckptkit.distributed): whole tensors
+        _sharded(out, ra, ma, rb, mb, component or "model")
+        return out
     models = [n for n, c in ma.components.items() if c.kind == "model" and n in mb.components]
     comp = component or (models[0] if models else None)
     if comp is None:
@@ -95,6 +100,30 @@ def diff(
             out.tensors[k] = TensorChange("unchanged" if same else "changed", ca.tensors[k].shape,
                                           cb.tensors[k].shape, rel)  # fmt: skip
     return out
+
+
+def _sharded(out: Diff, ra: Repository, ma: Manifest, rb: Repository, mb: Manifest, comp: str) -> None:
+    """Per whole tensor of two sharded checkpoints: the same chunks in the same objects are unchanged unread;
+    others (another world size chunks them differently) are assembled and compared."""
+    from ckptkit.distributed import full_state_dict, stored_tensors
+
+    sa, sb = stored_tensors(ma, comp), stored_tensors(mb, comp)
+    need = [k for k in sa if k in sb and sa[k].shape == sb[k].shape and sa[k] != sb[k]]
+    ta = full_state_dict(ra, ma.name, component=comp, keys=need) if need else {}
+    tb = full_state_dict(rb, mb.name, component=comp, keys=need) if need else {}
+    for k in sorted(set(sa) | set(sb)):
+        if k not in sb:
+            out.tensors[k] = TensorChange("removed", shape_a=sa[k].shape)
+        elif k not in sa:
+            out.tensors[k] = TensorChange("added", shape_b=sb[k].shape)
+        elif sa[k].shape != sb[k].shape:
+            out.tensors[k] = TensorChange("reshaped", sa[k].shape, sb[k].shape)
+        elif sa[k] == sb[k]:
+            out.tensors[k] = TensorChange("unchanged", sa[k].shape, sb[k].shape, 0.0)
+        else:
+            same = torch.equal(ta[k], tb[k])
+            out.tensors[k] = TensorChange("unchanged" if same else "changed", sa[k].shape, sb[k].shape,
+                                          0.0 if same else _rel_l2(ta[k], tb[k]))  # fmt: skip
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
