@@ -30,6 +30,9 @@ from ckptkit.catalog.database import REVISIONS, resolve_url
 from ckptkit.errors import InvalidArgumentError
 from ckptkit.schema import DataSegment, Manifest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cli_driver import run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["sqlite", "postgresql"]
 
@@ -347,34 +350,10 @@ def test_the_migrations_end_at_the_schema_the_code_writes() -> None:
 # --- command line ------------------------------------------------------------------------------------------
 
 
-_DRIVER = """
-import contextlib, io, json, sys
-from ckptkit.cli import run
-results = []
-for argv in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    sys.argv = ["ckptkit", *argv]
-    rc = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run()
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-    results.append({"rc": rc, "out": out.getvalue(), "err": err.getvalue()})
-print(json.dumps(results))
-"""
-
-
 def _cli(catalog_url: str, *commands: list[str]) -> list[dict[str, Any]]:
     """Run ``ckptkit catalog ...`` command lines through the CLI's entry point, in one fresh process (one
     interpreter start for all of them: CI's time budget)."""
-    env = {**os.environ, "CKPTKIT_CATALOG": catalog_url}
-    argvs = [["catalog", *c] for c in commands]
-    out = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(argvs)], capture_output=True, text=True,
-                         env=env, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    results: list[dict[str, Any]] = json.loads(out.stdout.strip().splitlines()[-1])
-    return results
+    return run_cli([["catalog", *c] for c in commands], env={"CKPTKIT_CATALOG": catalog_url}, timeout=120)
 
 
 def _repo_names(res: dict[str, Any]) -> list[str]:

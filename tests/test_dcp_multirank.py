@@ -18,6 +18,7 @@ import ckptkit
 from ckptkit.errors import StateMismatchError
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_driver import run_cli
 from dcp_writer import build
 
 
@@ -86,12 +87,12 @@ def test_cli_import_names_the_optimizer_by_a_model_spec(two_rank_folder: Path, t
     ckptkit.restore(repo, {"model": model, "optimizer": opt}, rng=False)
     ref = torch.load(f"{two_rank_folder}-ref.pt", weights_only=True)
     assert all(torch.equal(got, ref["state"][i]["exp_avg"]) for i, got in enumerate(_moments(opt, model)))
-    for spec, says in (("nonsense", "timm:NAME"), ("timm:no_such_model_xyz", "no model"),
-                       ("torchvision:resnet18,bogus=1", "bogus"), ("hf:" + str(tmp_path), "config.json")):  # fmt: skip
-        bad = subprocess.run([sys.executable, "-m", "ckptkit.cli", "import", str(two_rank_folder),
-                              str(tmp_path / "other"), "--model", spec],
-                             capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
-        assert bad.returncode == 2 and bad.stderr.startswith("error:") and says in bad.stderr, (spec, bad.stderr)
+    cases = (("nonsense", "timm:NAME"), ("timm:no_such_model_xyz", "no model"),
+             ("torchvision:resnet18,bogus=1", "bogus"), ("hf:" + str(tmp_path), "config.json"))  # fmt: skip
+    results = run_cli([["import", str(two_rank_folder), str(tmp_path / "other"), "--model", spec]
+                       for spec, _ in cases])  # fmt: skip
+    for (spec, says), bad in zip(cases, results, strict=True):
+        assert bad["rc"] == 2 and bad["err"].startswith("error:") and says in bad["err"], (spec, bad["err"])
     assert not (tmp_path / "other").exists() or ckptkit.api.checkpoints(str(tmp_path / "other")) == []
 
 

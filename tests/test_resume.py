@@ -64,14 +64,18 @@ def _assert_same(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> 
 
 
 KILLS = [("after", 3), ("after", 10), ("in_save", 13)]  # mid-epoch, at an epoch boundary, during a save
+# The kill points test the loader and the commit, which do not depend on the model: the MLP goes through all
+# three; BERT and timm (whose adapters capture and restore differently) through the hardest one, a kill inside a
+# save after an epoch boundary, resumed from the checkpoint before it (CI's time budget: each run is a process).
+ONE_KILL = [("in_save", 13)]
 
 
 @pytest.mark.parametrize(
     ("model", "loader", "kills"),
     [
         ("mlp", "resumable", KILLS),
-        ("bert", "resumable", KILLS),
-        ("timm", "resumable", KILLS),
+        ("bert", "resumable", ONE_KILL),
+        ("timm", "resumable", ONE_KILL),
         ("mlp", "position", [("after", 3), ("in_save", 10)]),
         ("mlp", "stateful", [("after", 3), ("in_save", 10)]),
     ],
