@@ -498,6 +498,12 @@ def load(
             set_optimizer_state_dict(_model_of(n, obj, models), obj, sd[n])
         elif isinstance(obj, Stateful):
             obj.load_state_dict(sd[n])
+            resplit = getattr(obj, "resplit", None)  # a ResumableLoader saved on another number of ranks
+            if isinstance(resplit, tuple):
+                issues.append(f"data position of {n!r} re-split from {resplit[0]} to {resplit[1]} rank(s) at sample "
+                              f"{getattr(obj, 'samples_in_epoch', '?')} of epoch {getattr(obj, 'epoch', '?')}: the "
+                              "rest of the epoch is shared out anew, no sample repeated or skipped, but each rank "
+                              "sees other samples than it would have")  # fmt: skip
         else:
             result.values[n] = sd[n]
     if not rng:

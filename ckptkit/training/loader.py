@@ -67,10 +67,13 @@ class SeededDataset(Dataset[Any]):
 
 
 class EpochSampler(Sampler[Any]):
-    """Indices of one epoch, shuffled by (seed, epoch), starting after ``start`` samples (never read)."""
+    """Indices of one epoch, shuffled by (seed, epoch), starting after ``start`` samples of the whole epoch
+    (never read); of what remains, rank ``rank`` of ``world_size`` takes every ``world_size``-th index."""
 
-    def __init__(self, size: int, epoch: int, seed: int, shuffle: bool, start: int, keys: bool) -> None:
+    def __init__(self, size: int, epoch: int, seed: int, shuffle: bool, start: int, keys: bool, rank: int = 0,
+                 world_size: int = 1) -> None:  # fmt: skip
         self.size, self.epoch, self.seed, self.shuffle, self.start, self.keys = size, epoch, seed, shuffle, start, keys
+        self.rank, self.world_size = rank, world_size
 
     def order(self) -> list[int]:
         if not self.shuffle:
@@ -79,11 +82,11 @@ class EpochSampler(Sampler[Any]):
         return [int(i) for i in torch.randperm(self.size, generator=g)]
 
     def __iter__(self) -> Iterator[Any]:
-        for i in self.order()[self.start :]:
+        for i in self.order()[self.start :][self.rank :: self.world_size]:
             yield (self.epoch, i) if self.keys else i
 
     def __len__(self) -> int:
-        return max(0, self.size - self.start)
+        return len(range(self.size)[self.start :][self.rank :: self.world_size])
 
 
 class ResumableLoader:
@@ -98,6 +101,12 @@ class ResumableLoader:
         seed: the run's data seed.
         seeded_samples: seed per-sample randomness (augmentation) from (seed, epoch, index). Keep it on for an
             exact resume with random augmentation.
+        rank, world_size: data-parallel training: this process is rank ``rank`` of ``world_size`` (e.g.
+            ``torch.distributed.get_rank()``, ``get_world_size()``). Every rank draws the same epoch order and takes
+            every ``world_size``-th sample of it; the position saved is the whole epoch's (samples consumed by all
+            ranks together, the ranks stepping in lockstep), so a run resumed on another number of ranks re-splits
+            the rest of the epoch: no sample is repeated or skipped within it. At an epoch's tail a rank may get
+            one sample fewer than the others (nothing is padded or dropped).
         **loader_options: passed to ``DataLoader`` (num_workers, collate_fn, pin_memory, drop_last, ...).
 
     Example:
@@ -117,6 +126,8 @@ class ResumableLoader:
         shuffle: bool = True,
         seed: int = 0,
         seeded_samples: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
         **loader_options: Any,
     ) -> None:
         for banned in ("sampler", "batch_sampler", "shuffle", "generator"):
@@ -128,6 +139,13 @@ class ResumableLoader:
                                     "use torchdata's StatefulDataLoader")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not (isinstance(world_size, int) and isinstance(rank, int) and world_size >= 1 and 0 <= rank < world_size):
+            raise InvalidArgumentError(f"rank {rank!r} of world_size {world_size!r}: need integers with world_size "
+                                       ">= 1 and 0 <= rank < world_size (torch.distributed.get_rank(), "
+                                       "get_world_size())")  # fmt: skip
+        self.rank, self.world_size = rank, world_size
+        self.resplit: tuple[int, int] | None = None
+        """(saved world size, this one) when the position was loaded from a run on another number of ranks."""
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -139,21 +157,22 @@ class ResumableLoader:
         self.batches_in_epoch = 0
 
     def __len__(self) -> int:
-        """Batches in a whole epoch at the current batch size."""
-        n = len(self.dataset)
+        """Batches in a whole epoch at the current batch size (this rank's)."""
+        n = len(range(len(self.dataset))[self.rank :: self.world_size])
         if self.loader_options.get("drop_last"):
             return n // self.batch_size
         return (n + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[Any]:
         size = len(self.dataset)
-        sampler = EpochSampler(size, self.epoch, self.seed, self.shuffle, self.samples_in_epoch, self.seeded_samples)
+        sampler = EpochSampler(size, self.epoch, self.seed, self.shuffle, self.samples_in_epoch, self.seeded_samples,
+                               self.rank, self.world_size)  # fmt: skip
         dataset = SeededDataset(self.dataset, self.seed) if self.seeded_samples else self.dataset
         # The loader's own generator keeps iter() from drawing worker seeds from the global RNG.
         gen = torch.Generator().manual_seed((self.seed * 31 + self.epoch) & _MASK)
         loader = DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=gen, **self.loader_options)
-        for batch in loader:
-            self.samples_in_epoch = min(size, self.samples_in_epoch + self.batch_size)
+        for batch in loader:  # every rank takes a batch: the epoch advances by one batch per rank
+            self.samples_in_epoch = min(size, self.samples_in_epoch + self.batch_size * self.world_size)
             self.batches_in_epoch += 1
             yield batch
         self.epoch += 1
@@ -163,7 +182,7 @@ class ResumableLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch,
                 "batches_in_epoch": self.batches_in_epoch, "batch_size": self.batch_size,
-                "shuffle": self.shuffle, "dataset_size": len(self.dataset)}  # fmt: skip
+                "shuffle": self.shuffle, "dataset_size": len(self.dataset), "world_size": self.world_size}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         size = len(self.dataset)
@@ -177,8 +196,11 @@ class ResumableLoader:
         self.shuffle = bool(state["shuffle"])
         self.epoch = int(state["epoch"])
         self.samples_in_epoch = int(state["samples_in_epoch"])
-        # Batches are re-counted at this loader's batch size (it may have changed on continue).
-        self.batches_in_epoch = (self.samples_in_epoch + self.batch_size - 1) // self.batch_size
+        saved_world = int(state.get("world_size", 1))  # states saved before ranks were known: one process
+        self.resplit = (saved_world, self.world_size) if saved_world != self.world_size else None
+        # Batches are re-counted at this loader's batch size and world size (either may have changed).
+        per_round = self.batch_size * self.world_size
+        self.batches_in_epoch = (self.samples_in_epoch + per_round - 1) // per_round
 
 
 class LoaderPosition:
