@@ -49,6 +49,17 @@ def _through(proxy: FaultProxy, s3: Any, url: str, s3fs_retries: int | None = No
     repo = Repository(url, options, **kwargs)
     if s3fs_retries is not None:
         repo.fs.retries = s3fs_retries
+    # The repository's settings (repository.json, one GET per Repository) are read now, before a test installs
+    # its faults: each fault then meets the request it is written for, and the 2 s deadlines time only those.
+    # The first request of a new client also builds it (botocore's models: seconds on a loaded 2-core machine),
+    # so it gets a few tries.
+    for attempt in range(4):
+        try:
+            assert repo.codec is None
+            break
+        except StorageTimeoutError:
+            if attempt == 3:
+                raise
     return repo
 
 
