@@ -61,7 +61,7 @@ def test_bench_s3_smoke(tmp_path: Path) -> None:
             pytest.fail(why, pytrace=False)
         pytest.skip(why)
     result = run_bench("s3.py", ["--size-mib", "8"], tmp_path, timeout=400)
-    assert_ratios(result, ("s3_save_vs_boto3",))
+    assert_ratios(result, ("s3_save_vs_boto3", "s3_restore_vs_boto3"))
     assert result["methods"]["ckptkit"]["bytes"] == result["methods"]["boto3"]["bytes"] > 8 * 2**20
 
 

@@ -33,8 +33,10 @@ def load_tensors(r: Repository, manifest: Manifest, components: list[str]) -> di
         except FileNotFoundError:
             return None
 
-    # Two objects in flight: one is hashed while the next is read (and remote reads overlap their latency).
-    workers = min(len(needed), 2 if r.local else 8) or 1
+    # Local disk: two objects in flight, one hashed while the next is read. S3: as many as the backend's budget
+    # of ranged GETs (each read hashes on its own thread while its parts arrive; the GETs share that budget).
+    remote = max(8, getattr(r.backend, "read_concurrency", 8))
+    workers = min(len(needed), 2 if r.local else remote) or 1
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckptkit-read") as pool:
         for h, tensors in zip(needed, pool.map(fetch, needed), strict=True):
             if tensors is None:

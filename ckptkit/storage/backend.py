@@ -40,6 +40,8 @@ from ckptkit.errors import InvalidArgumentError, MissingDependencyError
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
     "DEFAULT_PART_SIZE",
+    "DEFAULT_READ_CONCURRENCY",
+    "DEFAULT_READ_PART_SIZE",
     "DEFAULT_TIMEOUT",
     "MAX_MANIFEST_SIZE",
     "MIB",
@@ -54,6 +56,10 @@ DEFAULT_PART_SIZE = 8 * MIB
 """S3: objects larger than this are uploaded in parts of this size (S3 allows 5 MiB to 5 GiB per part)."""
 DEFAULT_MAX_CONCURRENCY = 8
 """S3: requests in flight at once (memory held: about ``part_size * max_concurrency``)."""
+DEFAULT_READ_PART_SIZE = 64 * MIB
+"""S3: objects are read with ranged GETs of this many bytes (an object up to this size: one GET)."""
+DEFAULT_READ_CONCURRENCY = 8
+"""S3: ranged GETs in flight at once across the reads of one repository (a restore's objects share them)."""
 DEFAULT_TIMEOUT = 60.0
 """S3: seconds one request may take, retries included, plus a second per MiB it carries (docs/cloud-storage.md)."""
 MAX_MANIFEST_SIZE = 64 * MIB
@@ -141,11 +147,13 @@ def open_backend(
     part_size: int | None = None,
     max_concurrency: int | None = None,
     timeout: float | None = None,
+    read_part_size: int | None = None,
+    read_concurrency: int | None = None,
 ) -> Backend:
     """The backend for ``url``: local disk, S3, or any other fsspec filesystem.
 
-    ``part_size``, ``max_concurrency`` and ``timeout`` are options of the S3 backend
-    (:class:`~ckptkit.storage.s3.S3Backend`); ``None`` takes its defaults.
+    ``part_size``, ``max_concurrency``, ``timeout``, ``read_part_size`` and ``read_concurrency`` are options of
+    the S3 backend (:class:`~ckptkit.storage.s3.S3Backend`); ``None`` takes its defaults.
 
     Raises:
         InvalidArgumentError: ``storage_options`` asks for a listings cache, or S3 options are given for a URL
@@ -190,11 +198,14 @@ def open_backend(
             part_size=DEFAULT_PART_SIZE if part_size is None else part_size,
             max_concurrency=DEFAULT_MAX_CONCURRENCY if max_concurrency is None else max_concurrency,
             timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+            read_part_size=DEFAULT_READ_PART_SIZE if read_part_size is None else read_part_size,
+            read_concurrency=DEFAULT_READ_CONCURRENCY if read_concurrency is None else read_concurrency,
         )
-    if part_size is not None or max_concurrency is not None or timeout is not None:
+    s3_only = (part_size, max_concurrency, timeout, read_part_size, read_concurrency)
+    if any(v is not None for v in s3_only):
         raise InvalidArgumentError(
-            f"part_size, max_concurrency and timeout apply to S3 repositories (s3://...); {url} is on "
-            f"{type(fs).__name__}, which would ignore them"
+            f"part_size, max_concurrency, timeout, read_part_size and read_concurrency apply to S3 repositories "
+            f"(s3://...); {url} is on {type(fs).__name__}, which would ignore them"
         )
     if isinstance(fs, LocalFileSystem):
         return LocalBackend(fs, os.path.abspath(root))

@@ -153,10 +153,14 @@ class Repository:
             write. Default 8.
         timeout: S3 only: the deadline of each request in seconds, retries included, plus a second per MiB it
             carries (default 60); past it the call raises ``StorageTimeoutError`` (see docs/cloud-storage.md).
+        read_part_size: S3 only: objects are read with concurrent ranged GETs of this many bytes (1 MiB to
+            5 GiB). Default 64 MiB.
+        read_concurrency: S3 only: ranged GETs in flight at once across this repository's reads. Default 8.
 
     Raises:
-        InvalidArgumentError: (a ``ValueError``) ``part_size`` or ``max_concurrency`` out of range, or given for
-            a repository that is not on S3 (they would have no effect there).
+        InvalidArgumentError: (a ``ValueError``) an S3 option (``part_size``, ``max_concurrency``, ``timeout``,
+            ``read_part_size``, ``read_concurrency``) out of range, or given for a repository that is not on S3
+            (they would have no effect there).
         MissingDependencyError: (an ``ImportError``) the fsspec implementation for the URL is not installed.
 
     Example:
@@ -173,6 +177,8 @@ class Repository:
         part_size: int | None = None,
         max_concurrency: int | None = None,
         timeout: float | None = None,
+        read_part_size: int | None = None,
+        read_concurrency: int | None = None,
     ) -> None:
         if isinstance(url, os.PathLike):
             url = os.fspath(url)
@@ -180,7 +186,9 @@ class Repository:
             raise InvalidArgumentError(f"repository URL must be a non-empty string or path, got {url!r}")
         self.url = url
         self.backend: Backend = open_backend(url, storage_options, part_size=part_size,
-                                             max_concurrency=max_concurrency, timeout=timeout)  # fmt: skip
+                                             max_concurrency=max_concurrency, timeout=timeout,
+                                             read_part_size=read_part_size,
+                                             read_concurrency=read_concurrency)  # fmt: skip
         self.fs: Any = self.backend.fs
         self.root: str = self.backend.root
         self.local = self.backend.kind == "local"

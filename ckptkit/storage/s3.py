@@ -19,12 +19,18 @@ bytes the commit succeeded.
 Existence: :meth:`S3Backend.missing` and :meth:`S3Backend.delete` run their HEADs and DELETEs concurrently (one
 HEAD per key: a key is never a folder).
 
-Reads: :meth:`S3Backend.get` streams the body into one buffer, refuses an object larger than ``max_size`` by its
-``Content-Length`` before reading the body, and when the connection breaks mid-body resumes with a ranged GET
-(``If-Match`` its ETag) from the first missing byte, a few times, before it gives up.
+Reads: :meth:`S3Backend.get` reads an object with concurrent ranged GETs of ``read_part_size`` bytes into one
+buffer of fresh (untouched) memory, at most ``read_concurrency`` GETs in flight across every read of the backend
+(the reads of a restore share the budget, so parts are fetched roughly in object order). The first GET, of the
+first part, tells the object's size (``Content-Range``): an object larger than ``max_size`` is refused before any
+body is read, and the other parts (``If-Match`` the first answer's ETag, so no part comes from another version)
+are requested while the first one streams in. The caller's thread hashes (blake3) the buffer from its start as
+far as every byte has arrived, while the parts are still arriving, so the digest is ready when the last byte is.
+Each part is exactly the range asked: one whose connection breaks mid-body is resumed with a ranged GET from its
+first missing byte, a few times, before the read fails; it is never returned short.
 
 Deadlines and errors: every request runs under a deadline of ``timeout`` seconds plus a second per MiB it
-carries (a GET: per MiB of its ``Content-Length``), s3fs's and botocore's retries included; past it the call
+carries (a ranged GET: per MiB of its range, resumes included), s3fs's and botocore's retries included; past it the call
 raises :class:`~ckptkit.errors.StorageTimeoutError`. Any other failure of the store (a connection refused or
 cut, a truncated body, an error status) raises :class:`~ckptkit.errors.StorageError` naming the repository,
 the action and the key, with the library's exception as its cause; a missing key stays a
@@ -38,15 +44,19 @@ import concurrent.futures
 import contextlib
 import hashlib
 import math
+import mmap
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 from ckptkit.errors import CkptkitError, CorruptObjectError, InvalidArgumentError, StorageError, StorageTimeoutError
-from ckptkit.hashing import hash_bytes
+from ckptkit.hashing import hasher
 from ckptkit.storage.backend import (
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_PART_SIZE,
+    DEFAULT_READ_CONCURRENCY,
+    DEFAULT_READ_PART_SIZE,
     DEFAULT_TIMEOUT,
     MIB,
     Entry,
@@ -54,7 +64,15 @@ from ckptkit.storage.backend import (
 )
 from ckptkit.storage.fsspec_backend import FsspecBackend
 
-__all__ = ["DEFAULT_MAX_CONCURRENCY", "DEFAULT_PART_SIZE", "DEFAULT_TIMEOUT", "SECONDS_PER_MIB", "S3Backend"]
+__all__ = [
+    "DEFAULT_MAX_CONCURRENCY",
+    "DEFAULT_PART_SIZE",
+    "DEFAULT_READ_CONCURRENCY",
+    "DEFAULT_READ_PART_SIZE",
+    "DEFAULT_TIMEOUT",
+    "SECONDS_PER_MIB",
+    "S3Backend",
+]
 
 SECONDS_PER_MIB = 1.0
 """A request's deadline grows by this much per MiB it carries (so ``timeout`` need not scale with part size)."""
@@ -63,7 +81,10 @@ _MAX_PART = 5 << 30
 _MAX_PARTS = 10_000
 _MIN_LOOKUPS = 8  # HEADs and DELETEs in flight at once, at least (they hold no memory)
 _READ_ATTEMPTS = 3  # GETs of one object, the first and the ranged ones that resume a body cut short
-_READ_CHUNK = 1 << 20
+_READ_CHUNK = 1 << 20  # bytes asked of a body at once where it cannot hand over what it has buffered
+_MIN_READ_PART = 1 * MIB
+_HASH_STEP = 4 * MIB  # the caller's thread hashes once this much more has arrived (or the read is done)
+_HUGE_PAGES_FROM = 4 * MIB
 _CANCEL_WAIT = 60.0  # seconds an interrupted call waits for its requests to be cancelled and aborted
 _TIMEOUT_ERRORS = ("ConnectTimeoutError", "ReadTimeoutError", "FSTimeoutError")  # botocore's, fsspec's
 
@@ -81,9 +102,13 @@ class S3Backend(FsspecBackend):
         max_concurrency: requests (parts, or whole small objects) in flight at once across one :meth:`put`.
         timeout: the deadline of each request in seconds, retries included, plus :data:`SECONDS_PER_MIB` per
             MiB it carries (see the module docstring).
+        read_part_size: objects are read in ranged GETs of this many bytes (1 MiB to 5 GiB).
+        read_concurrency: ranged GETs in flight at once across every read of this backend (memory held by them:
+            the objects being read, which a restore keeps anyway).
 
     Raises:
-        InvalidArgumentError: ``part_size``, ``max_concurrency`` or ``timeout`` out of range.
+        InvalidArgumentError: ``part_size``, ``max_concurrency``, ``timeout``, ``read_part_size`` or
+            ``read_concurrency`` out of range.
     """
 
     kind = "s3"
@@ -96,6 +121,8 @@ class S3Backend(FsspecBackend):
         part_size: int = DEFAULT_PART_SIZE,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         timeout: float = DEFAULT_TIMEOUT,
+        read_part_size: int = DEFAULT_READ_PART_SIZE,
+        read_concurrency: int = DEFAULT_READ_CONCURRENCY,
     ) -> None:
         super().__init__(fs, root)
         if not _is_int(part_size) or not _MIN_PART <= part_size <= _MAX_PART:
@@ -105,9 +132,18 @@ class S3Backend(FsspecBackend):
             raise InvalidArgumentError(f"max_concurrency={max_concurrency!r}: must be a positive integer")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise InvalidArgumentError(f"timeout={timeout!r}: must be a positive, finite number of seconds")
+        if not _is_int(read_part_size) or not _MIN_READ_PART <= read_part_size <= _MAX_PART:
+            raise InvalidArgumentError(f"read_part_size={read_part_size!r}: ranged reads are 1 MiB ({_MIN_READ_PART}) "
+                                       f"to 5 GiB ({_MAX_PART}); 64 MiB is a good start")  # fmt: skip
+        if not _is_int(read_concurrency) or read_concurrency < 1:
+            raise InvalidArgumentError(f"read_concurrency={read_concurrency!r}: must be a positive integer "
+                                       "(ranged GETs in flight at once)")  # fmt: skip
         self.part_size = part_size
         self.max_concurrency = max_concurrency
         self.timeout = float(timeout)
+        self.read_part_size = read_part_size
+        self.read_concurrency = read_concurrency
+        self._read_slots: asyncio.Semaphore | None = None  # made on s3fs's loop, shared by every read
         self.url = f"s3://{root}"
 
     @staticmethod
@@ -117,11 +153,21 @@ class S3Backend(FsspecBackend):
 
     # --- the boundary: deadlines, and typed errors -----------------------------------------------------------
 
-    def _run(self, coro: Coroutine[Any, Any, _T], action: str, key: str | None) -> _T:
-        """Run ``coro`` on s3fs's loop and wait for it; its requests carry their own deadlines. On an interrupt
-        (e.g. KeyboardInterrupt) it is cancelled (a put's uploads aborted) before the interrupt propagates."""
+    def _run(
+        self,
+        coro: Coroutine[Any, Any, _T],
+        action: str,
+        key: str | None,
+        follow: Callable[[concurrent.futures.Future[_T]], None] | None = None,
+    ) -> _T:
+        """Run ``coro`` on s3fs's loop and wait for it; its requests carry their own deadlines. ``follow(future)``,
+        when given, works on this thread while it runs (a read's hashing) and returns once it is done. On an
+        interrupt (e.g. KeyboardInterrupt) it is cancelled (a put's uploads aborted) before the interrupt
+        propagates."""
         future = asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
         try:
+            if follow is not None:
+                follow(future)
             return future.result()
         except (CkptkitError, FileNotFoundError):
             raise
@@ -277,62 +323,165 @@ class S3Backend(FsspecBackend):
         """Whether ``key`` holds exactly ``data``: after a 412, whether the conflicting object is our own (the
         answer to our first attempt was lost and the retry met what that attempt stored)."""
         try:
-            stored = await self._get(key, len(data), "committing (reading back a conflicting object)")
+            stored = await self._read(key, len(data), "committing (reading back a conflicting object)", _Fill())
         except (FileNotFoundError, CorruptObjectError):  # gone again, or larger than ours: not ours
             return False
-        return stored == data
+        return bytes(stored) == data
 
     # --- reads -------------------------------------------------------------------------------------------------
 
     def get(self, key: str, max_size: int | None = None) -> tuple[memoryview, str]:
-        """The whole object (see the module docstring: bounded by ``max_size``, resumed when cut short)."""
-        buf = self._run(self._get(key, max_size, "reading"), "reading", key)
-        view = memoryview(buf)
-        return view, hash_bytes(view)  # on the caller's thread: concurrent reads hash in parallel
+        """The whole object and its blake3 digest, read with concurrent ranged GETs and hashed on this thread
+        while they arrive (see the module docstring: bounded by ``max_size``, each part resumed when cut short)."""
+        fill = _Fill()
+        digest: list[str] = []
 
-    async def _get(self, key: str, max_size: int | None, action: str) -> bytearray:
+        def follow(future: concurrent.futures.Future[memoryview]) -> None:
+            future.add_done_callback(lambda _: fill.wake.set())
+            h: Any = None
+            hashed = 0
+            while True:
+                fill.wake.wait()
+                fill.wake.clear()
+                done = future.done()
+                if done and (future.cancelled() or future.exception() is not None):
+                    return  # _run raises it
+                view = fill.view
+                if view is None:
+                    continue
+                if h is None:
+                    h = hasher(len(view))
+                frontier = fill.frontier  # bytes before it are final: written once, never again
+                if frontier - hashed >= _HASH_STEP or (done and frontier > hashed):
+                    h.update(view[hashed:frontier])
+                    hashed = frontier
+                if done:
+                    if hashed != len(view):  # pragma: no cover (a read returns only once every part is complete)
+                        raise StorageError(self.url, "reading", key, f"only {hashed} of {len(view)} bytes arrived")
+                    digest.append(str(h.hexdigest()))
+                    return
+
+        view = self._run(self._read(key, max_size, "reading", fill), "reading", key, follow)
+        return view, digest[0]
+
+    def _slots(self) -> asyncio.Semaphore:
+        """The read budget (on s3fs's loop): ``read_concurrency`` ranged GETs in flight, FIFO."""
+        if self._read_slots is None:
+            self._read_slots = asyncio.Semaphore(self.read_concurrency)
+        return self._read_slots
+
+    async def _read(self, key: str, max_size: int | None, action: str, fill: _Fill) -> memoryview:
+        """Read the object under ``key`` into fresh memory with ranged GETs (see the module docstring); ``fill``
+        follows the progress for a hashing thread."""
         bucket, s3key = self._split(key)
-        start = time.monotonic()
-        resp = await self._request(action, key, "get_object", Bucket=bucket, Key=s3key)
+        where = _Where(self, action, key, bucket, s3key)
+        slots = self._slots()
+        part = self.read_part_size
+        others: list[asyncio.Future[None]] = []
+        try:
+            async with slots:
+                start = time.monotonic()
+                resp, total, ranged = await self._first_get(where, part, max_size)
+                view = memoryview(_fresh(total)).cast("B") if total else memoryview(bytearray())
+                if not ranged:  # the whole object came (a server that ignores Range, or an empty object)
+                    part = max(total, 1)
+                fill.start(view, [(lo, min(lo + part, total)) for lo in range(0, total, part)])
+                etag = resp.get("ETag")
+                where.etag = str(etag) if etag else None
+                others = [asyncio.ensure_future(self._part(where, fill, i, slots)) for i in range(1, len(fill.parts))]
+                if total:
+                    await self._fill_part(where, fill, 0, resp["Body"], start)
+                else:
+                    resp["Body"].close()
+            await asyncio.gather(*others)
+        except BaseException:
+            for t in others:
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            raise
+        return view
+
+    async def _first_get(self, where: _Where, part: int, max_size: int | None) -> tuple[dict[str, Any], int, bool]:
+        """The GET of the first part, the object's size (refused, unread, when over ``max_size``), and whether the
+        answer is that range (else it is the whole object)."""
+        bucket, s3key, key, action = where.bucket, where.s3key, where.key, where.action
+        try:
+            # Its answer within ``timeout`` (its size is not known yet); its body then within the part's deadline.
+            resp = await self._raw("get_object", Bucket=bucket, Key=s3key, Range=f"bytes=0-{part - 1}")
+        except (CkptkitError, FileNotFoundError):
+            raise
+        except Exception as err:
+            code, status = _s3_error(err)
+            if code != "InvalidRange" and status != 416:
+                raise self._error(err, action, key, None) from err
+            # An empty object has no byte 0: read it whole (what it holds now, if it changed meanwhile).
+            resp = await self._request(action, key, "get_object", Bucket=bucket, Key=s3key)
         n = int(resp["ContentLength"])
-        etag = resp.get("ETag")
-        body = resp["Body"]
-        if max_size is not None and n > max_size:
-            body.close()
-            raise CorruptObjectError(self.path(key), f"at most {max_size} bytes", f"{n} bytes",
+        content_range = str(resp.get("ContentRange") or "")
+        total = n
+        if content_range:  # "bytes 0-67108863/123456789"
+            try:
+                total = int(content_range.rsplit("/", 1)[1])
+            except (IndexError, ValueError):
+                total = -1
+            if total < 0 or n != min(part, total):
+                resp["Body"].close()
+                raise StorageError(self.url, action, key, f"a ranged GET of bytes 0-{part - 1} answered {n} bytes "
+                                   f"with Content-Range {content_range!r}")  # fmt: skip
+        if max_size is not None and total > max_size:
+            resp["Body"].close()
+            raise CorruptObjectError(self.path(key), f"at most {max_size} bytes", f"{total} bytes",
                                      "larger than expected; not read")  # fmt: skip
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = [0]
+        return resp, total, bool(content_range)
+
+    async def _part(self, where: _Where, fill: _Fill, i: int, slots: asyncio.Semaphore) -> None:
+        async with slots:
+            await self._fill_part(where, fill, i, None, time.monotonic())
+
+    async def _fill_part(self, where: _Where, fill: _Fill, i: int, body: Any, start: float) -> None:
+        """Receive part ``i`` into ``fill`` (from ``body`` when its GET was made, else with a ranged GET of its
+        own), resuming a body cut short from its first missing byte; within one deadline for the part."""
+        action, key = where.action, where.key
+        lo, hi = fill.parts[i]
+        n = hi - lo
+        count = len(fill.parts)
+        what = action if count == 1 else f"{action} (part {i + 1} of {count})"
         end = start + self._deadline(n)
+        problem = ""
         for attempt in range(1, _READ_ATTEMPTS + 1):
+            if body is None:
+                have = fill.got[i]
+                ranged = await self._guard(what, key, asyncio.wait_for(
+                    self.fs._call_s3("get_object", Bucket=where.bucket, Key=where.s3key,
+                                     Range=f"bytes={lo + have}-{hi - 1}",
+                                     **({"IfMatch": where.etag} if where.etag else {})),
+                    max(end - time.monotonic(), 0.0)))  # fmt: skip
+                body = ranged["Body"]
+                if int(ranged["ContentLength"]) != n - have:
+                    body.close()
+                    raise StorageError(self.url, what, key, f"{problem}a ranged GET of bytes {lo + have}-{hi - 1} "
+                                       f"answered {ranged['ContentLength']} bytes, not {n - have}")  # fmt: skip
             cause: BaseException | None = None
             try:
-                await asyncio.wait_for(_drain(body, view, got), max(end - time.monotonic(), 0.0))
+                await asyncio.wait_for(_drain(body, fill, i, where), max(end - time.monotonic(), 0.0))
             except asyncio.TimeoutError as err:
-                raise StorageTimeoutError(self.url, action, key, time.monotonic() - start,
-                                          f"{got[0]} of {n} bytes received") from err  # fmt: skip
+                raise StorageTimeoutError(self.url, what, key, time.monotonic() - start,
+                                          f"{fill.got[i]} of {n} bytes received") from err  # fmt: skip
+            except CkptkitError:
+                raise
             except Exception as err:  # the connection broke mid-body (aiohttp's or botocore's error)
                 cause = err
             finally:
                 body.close()
-            if got[0] == n:
-                return buf
-            problem = f"the response was cut short after {got[0]} of {n} bytes"
+                body = None
+            if fill.got[i] == n:
+                return
+            problem = f"the response was cut short after {fill.got[i]} of {n} bytes"
             if cause is not None:
                 problem += f" ({type(cause).__name__}: {cause})"
             if attempt == _READ_ATTEMPTS:
-                raise StorageError(self.url, action, key, f"{problem}, {attempt} times") from cause
-            resumed = await self._guard(action, key, asyncio.wait_for(
-                self.fs._call_s3("get_object", Bucket=bucket, Key=s3key, Range=f"bytes={got[0]}-",
-                                 **({"IfMatch": etag} if etag else {})),
-                max(end - time.monotonic(), 0.0)))  # fmt: skip
-            body = resumed["Body"]
-            if int(resumed["ContentLength"]) != n - got[0]:
-                body.close()
-                raise StorageError(self.url, action, key, f"{problem}; the ranged GET resuming it answered "
-                                   f"{resumed['ContentLength']} bytes, not {n - got[0]}")  # fmt: skip
-        raise StorageError(self.url, action, key, "unreachable")  # pragma: no cover (the loop returns or raises)
+                raise StorageError(self.url, what, key, f"{problem}, {attempt} times") from cause
+            problem += "; "
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
@@ -465,15 +614,77 @@ class S3Backend(FsspecBackend):
         return self._run(self._list(prefix), "listing", prefix.strip("/") + "/")
 
 
-async def _drain(body: Any, view: memoryview, got: list[int]) -> None:
-    """Read ``body`` into ``view`` from ``got[0]`` on until it ends or ``view`` is full (``got[0]``: progress)."""
-    n = len(view)
-    while got[0] < n:
-        chunk = await body.read(min(_READ_CHUNK, n - got[0]))
+class _Where:
+    """What a read is of, for its requests and its errors."""
+
+    def __init__(self, backend: S3Backend, action: str, key: str, bucket: str, s3key: str) -> None:
+        self.backend, self.action, self.key, self.bucket, self.s3key = backend, action, key, bucket, s3key
+        self.etag: str | None = None
+
+
+class _Fill:
+    """A buffer being filled by ranged GETs, part by part, and its frontier: how far from its start every byte has
+    arrived (written on s3fs's loop; a hashing thread reads it and is woken every :data:`_HASH_STEP` bytes)."""
+
+    def __init__(self) -> None:
+        self.view: memoryview | None = None
+        self.parts: list[tuple[int, int]] = []
+        self.got: list[int] = []
+        self.frontier = 0
+        self._first = 0  # the first part not yet complete
+        self._signalled = 0
+        self.wake = threading.Event()
+
+    def start(self, view: memoryview, parts: list[tuple[int, int]]) -> None:
+        self.view, self.parts, self.got = view, parts, [0] * len(parts)
+        self.wake.set()
+
+    def add(self, i: int, n: int) -> None:
+        """``n`` more bytes of part ``i`` arrived."""
+        self.got[i] += n
+        if i != self._first:
+            return
+        parts, got = self.parts, self.got
+        k = self._first
+        while k < len(parts) and got[k] == parts[k][1] - parts[k][0]:
+            k += 1
+        self._first = k
+        self.frontier = parts[k][0] + got[k] if k < len(parts) else parts[-1][1]
+        if self.frontier - self._signalled >= _HASH_STEP:
+            self._signalled = self.frontier
+            self.wake.set()
+
+
+async def _drain(body: Any, fill: _Fill, i: int, where: _Where) -> None:
+    """Read ``body`` into part ``i`` of ``fill`` until it ends or the part is full. aiohttp's buffered chunks are
+    taken as they are (``readany``: no joining copy); other bodies are read a MiB at a time."""
+    assert fill.view is not None
+    view = fill.view
+    lo, hi = fill.parts[i]
+    content = getattr(getattr(body, "raw_stream", None), "content", None)
+    readany = getattr(content, "readany", None)
+    while (pos := lo + fill.got[i]) < hi:
+        chunk = await (readany() if readany is not None else body.read(min(_READ_CHUNK, hi - pos)))
         if not chunk:
             return
-        view[got[0] : got[0] + len(chunk)] = chunk
-        got[0] += len(chunk)
+        if len(chunk) > hi - pos:
+            raise StorageError(where.backend.url, where.action, where.key,
+                               f"a ranged GET of bytes {pos}-{hi - 1} answered more bytes than asked")  # fmt: skip
+        view[pos : pos + len(chunk)] = chunk
+        fill.add(i, len(chunk))
+
+
+def _fresh(n: int) -> mmap.mmap:
+    """``n`` bytes of private anonymous memory, not yet touched (no zeroing pass: the kernel supplies each page
+    on first write; transparent huge pages asked for a large buffer), as the local backend reads into."""
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: anonymous mappings there take no flags
+        return mmap.mmap(-1, n)
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+    if advice is not None and n >= _HUGE_PAGES_FROM:
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages: plain pages then
+            m.madvise(advice)
+    return m
 
 
 def _is_int(v: object) -> bool:
