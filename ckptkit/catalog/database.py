@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,12 +34,14 @@ __all__ = [
     "ENV_VAR",
     "REVISIONS",
     "SCHEMA_REVISION",
+    "bulk_insert",
     "current_revision",
     "default_path",
     "insert",
     "open_engine",
     "resolve_url",
     "retrying",
+    "shown_url",
     "write",
 ]
 
@@ -82,9 +85,11 @@ def resolve_url(url: str | os.PathLike[str] | None) -> str:
                                f"(set {ENV_VAR} or pass --catalog)")  # fmt: skip
 
 
-def open_engine(url: str | os.PathLike[str] | None) -> Engine:
+def open_engine(url: str | os.PathLike[str] | None, *, timeout: float = 60.0) -> Engine:
     """An engine for the catalog at ``url`` (see :func:`resolve_url`) whose schema is at :data:`SCHEMA_REVISION`:
     created on first use, upgraded by the migrations when older.
+
+    ``timeout``: seconds to wait for SQLite's write lock (another writer) or for a PostgreSQL connection.
 
     Raises:
         InvalidArgumentError: the catalog's schema is newer than this ckptkit (upgrade ckptkit), or the URL is
@@ -96,12 +101,14 @@ def open_engine(url: str | os.PathLike[str] | None) -> Engine:
     if resolved.startswith("sqlite:///") and resolved != "sqlite:///:memory:":
         Path(resolved[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        engine = create_engine(resolved, connect_args={"timeout": 60} if resolved.startswith("sqlite") else {})
+        args: dict[str, Any] = ({"timeout": timeout} if resolved.startswith("sqlite")
+                                else {"connect_timeout": max(1, round(timeout))})  # fmt: skip
+        engine = create_engine(resolved, connect_args=args)
     except (NoSuchModuleError, ModuleNotFoundError) as err:
-        raise MissingDependencyError(f"the catalog at {_shown(resolved)} needs a database driver that is not "
+        raise MissingDependencyError(f"the catalog at {shown_url(resolved)} needs a database driver that is not "
                                      f"installed ({err}): pip install 'ckptkit[postgres]'") from err  # fmt: skip
     except SAArgumentError as err:
-        raise InvalidArgumentError(f"catalog URL {_shown(resolved)} is not valid: {err}") from err
+        raise InvalidArgumentError(f"catalog URL {shown_url(resolved)} is not valid: {err}") from err
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
@@ -109,7 +116,7 @@ def open_engine(url: str | os.PathLike[str] | None) -> Engine:
         _upgrade(engine)
     except OperationalError as err:
         engine.dispose()
-        raise StorageError(_shown(resolved), "open catalog", None, str(err.orig)[:300],
+        raise StorageError(shown_url(resolved), "open catalog", None, str(err.orig)[:300],
                            "check the URL, that the server runs and that you may connect") from err  # fmt: skip
     except BaseException:
         engine.dispose()
@@ -117,8 +124,13 @@ def open_engine(url: str | os.PathLike[str] | None) -> Engine:
     return engine
 
 
-def _shown(url: str) -> str:
-    """The URL without its password."""
+def shown_url(url: str) -> str:
+    """The URL without its password (for messages and logs).
+
+    Example:
+        >>> shown_url("postgresql+psycopg://ci:secret@db/catalog")
+        'postgresql+psycopg://ci@db/catalog'
+    """
     scheme, sep, rest = url.partition("://")
     auth, at, host = rest.rpartition("@")
     return f"{scheme}{sep}{auth.split(':')[0]}{at}{host}" if at else url
@@ -129,6 +141,12 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cur = dbapi_connection.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer, nor it them
+    # No fsync at each commit, only at WAL checkpoints: a commit survives a crash of the process, and a power cut
+    # may only lose the last ones (never corrupt the file); the catalog is rebuilt from the repositories anyway.
+    cur.execute("PRAGMA synchronous=NORMAL")
+    # Ids are random hashes, so each insert lands anywhere in the key indexes: a page cache of up to 64 MiB (taken
+    # as used) keeps them in memory on a large catalog instead of SQLite's default 2 MiB.
+    cur.execute("PRAGMA cache_size=-65536")
     cur.close()
 
 
@@ -163,6 +181,44 @@ def insert(conn: Connection, table: Table) -> Any:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
+def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *,
+                update: Sequence[str] = ()) -> None:  # fmt: skip
+    """Insert ``rows`` (dicts of the same keys) with one ``executemany``: a row whose primary key is there is
+    skipped, or, with ``update``, has those columns set from the new row (``ON CONFLICT``: SQLite >= 3.24 and
+    PostgreSQL spell it the same).
+
+    The statement goes to the driver as text and each row as a tuple, with the column types' own conversions
+    (SQLite's datetimes as SQLAlchemy writes them): building Core statements row by row costs more than the
+    database's work on an index of many small rows.
+    """
+    if not rows:
+        return
+    keys = list(rows[0])
+    dialect = conn.dialect
+    mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
+    if mark is None:  # another driver: let SQLAlchemy bind
+        stmt = insert(conn, table)
+        if update:
+            conn.execute(stmt.on_conflict_do_update(index_elements=[c.name for c in table.primary_key],
+                                                    set_={k: stmt.excluded[k] for k in update}), rows)  # fmt: skip
+        else:
+            conn.execute(stmt.on_conflict_do_nothing(), rows)
+        return
+    prep = dialect.identifier_preparer
+    pk = ", ".join(prep.quote(c.name) for c in table.primary_key)
+    action = ("DO UPDATE SET " + ", ".join(f"{prep.quote(k)} = excluded.{prep.quote(k)}" for k in update)
+              if update else "DO NOTHING")  # fmt: skip
+    sql = (f"INSERT INTO {prep.format_table(table)} ({', '.join(prep.quote(k) for k in keys)}) "
+           f"VALUES ({', '.join([mark] * len(keys))}) ON CONFLICT ({pk}) {action}")  # fmt: skip
+    get = itemgetter(*keys)
+    data = [get(r) for r in rows] if len(keys) > 1 else [(get(r),) for r in rows]
+    for i, k in enumerate(keys):
+        f = table.c[k].type.dialect_impl(dialect).bind_processor(dialect)
+        if f is not None:
+            data = [(*d[:i], None if d[i] is None else f(d[i]), *d[i + 1:]) for d in data]
+    conn.exec_driver_sql(sql, data)
+
+
 def current_revision(conn: Connection) -> str | None:
     """The catalog's schema revision, None for an empty database."""
     if not inspect(conn).has_table(VERSION_TABLE):
@@ -185,7 +241,7 @@ def _upgrade(engine: Engine) -> None:
             return
         if rev is not None and rev not in REVISIONS:
             raise InvalidArgumentError(
-                f"catalog {_shown(str(engine.url))} has schema revision {rev}, newer than this ckptkit knows "
+                f"catalog {shown_url(str(engine.url))} has schema revision {rev}, newer than this ckptkit knows "
                 f"(up to {SCHEMA_REVISION}): upgrade ckptkit (`pip install -U ckptkit`) to use it"
             )
         from alembic import command

@@ -23,15 +23,15 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select, update
 
 from ckptkit.catalog import tables as t
-from ckptkit.catalog.database import insert, retrying, write
+from ckptkit.catalog.database import bulk_insert, insert, retrying, write
 from ckptkit.catalog.tensors import safetensors_hashes
-from ckptkit.engine.manifests import open_repository
+from ckptkit.engine.manifests import RepoLike, open_repository
 from ckptkit.errors import CheckpointNotFoundError, CorruptObjectError, ManifestError
 from ckptkit.hashing import is_hash
-from ckptkit.schema import Manifest, canonical_json, parse_manifest
+from ckptkit.schema import Manifest, canonical_json, dump_manifest, parse_manifest
 from ckptkit.storage import Repository
 
-__all__ = ["IndexReport", "index_repository", "normalise_url"]
+__all__ = ["IndexReport", "index_committed", "index_repository", "normalise_url"]
 
 _CHUNK = 500  # ids per IN (...) clause
 
@@ -204,39 +204,47 @@ def _verify(found: dict[str, _Found], known: set[str], failed_names: dict[str, s
     return verdict
 
 
-def _insert_checkpoint(conn: Connection, m: Manifest, raw: bytes) -> bool:
-    """Insert a checkpoint and what derives from it; False when another indexer stored it first."""
+def _insert_checkpoints(conn: Connection, found: Iterable[tuple[Manifest, bytes]]) -> set[str]:
+    """Insert checkpoints and what derives from each, a statement per table for the whole batch; the ids that
+    were not in the catalog before. Every row derives from its manifest, and an id names one manifest, so a row
+    another indexer stored meanwhile is the same row: each insert skips what is there (``ON CONFLICT DO
+    NOTHING``) and two indexers meeting on a checkpoint store it once."""
+    batch = {m.id: (m, raw) for m, raw in found}
+    new = set(batch) - _in_catalog(conn, batch)
+    if not new:
+        return new
     now = _now()
-    row = {"id": m.id, "name": m.name, "format_version": m.format_version, "created_at": _utc(m.created_at),
-           "relation": m.lineage.relation, "run": m.lineage.run, "epoch": m.progress.epoch,
-           "global_step": m.progress.global_step, "samples_seen": m.progress.samples_seen,
-           "size": sum(o.size for o in m.objects.values()), "manifest": raw.decode(), "indexed_at": now}  # fmt: skip
-    stmt = insert(conn, t.checkpoints).values(row).on_conflict_do_nothing(index_elements=["id"])
-    if conn.dialect.insert_returning:  # psycopg's rowcount says nothing here; SQLite before 3.35 has no RETURNING
-        if conn.execute(stmt.returning(t.checkpoints.c.id)).first() is None:
-            return False
-    elif conn.execute(stmt).rowcount != 1:
-        return False
-    children: list[tuple[Any, list[dict[str, Any]]]] = [
-        (t.parents, [{"child_id": m.id, "position": i, "parent_id": p.id, "relation": p.relation,
-                      "parent_name": p.name, "parent_url": p.url} for i, p in enumerate(m.lineage.parents)]),
-        (t.data_segments, [{"checkpoint_id": m.id, "position": i, "name": d.name, "uri": d.uri,
-                            "fingerprint": d.fingerprint, "size": d.size, "split": d.split,
-                            "samples_consumed": d.samples_consumed} for i, d in enumerate(m.data)]),
-        (t.metrics, [{"checkpoint_id": m.id, "name": k, "value": v if math.isfinite(v) else None}
-                     for k, v in m.metrics.items()]),
-        (t.hparams, [{"checkpoint_id": m.id, "key": k, "value": canonical_json(v).decode()}
-                     for k, v in m.hparams.items()]),
-        (t.checkpoint_objects, [{"checkpoint_id": m.id, "object": h, "size": o.size} for h, o in m.objects.items()]),
-        (t.component_tensors, [{"checkpoint_id": m.id, "component": c, "name": n, "object": ref.object,
-                                "key": ref.key}
-                               for c, comp in m.components.items() if comp.kind == "model"
-                               for n, ref in comp.tensors.items()]),
-    ]  # fmt: skip
-    for table, rows in children:
-        if rows:
-            conn.execute(table.insert(), rows)
-    return True
+    rows: dict[Any, list[dict[str, Any]]] = {table: [] for table in _CHILD_TABLES}
+    cps = rows[t.checkpoints] = []
+    for mid in sorted(new):
+        m, raw = batch[mid]
+        cps.append({"id": m.id, "name": m.name, "format_version": m.format_version,
+                    "created_at": _utc(m.created_at), "relation": m.lineage.relation, "run": m.lineage.run,
+                    "epoch": m.progress.epoch, "global_step": m.progress.global_step,
+                    "samples_seen": m.progress.samples_seen, "size": sum(o.size for o in m.objects.values()),
+                    "manifest": raw.decode(), "indexed_at": now})  # fmt: skip
+        rows[t.parents] += [{"child_id": m.id, "position": i, "parent_id": p.id, "relation": p.relation,
+                             "parent_name": p.name, "parent_url": p.url} for i, p in enumerate(m.lineage.parents)]
+        rows[t.data_segments] += [{"checkpoint_id": m.id, "position": i, "name": d.name, "uri": d.uri,
+                                   "fingerprint": d.fingerprint, "size": d.size, "split": d.split,
+                                   "samples_consumed": d.samples_consumed} for i, d in enumerate(m.data)]
+        rows[t.metrics] += [{"checkpoint_id": m.id, "name": k, "value": v if math.isfinite(v) else None}
+                            for k, v in m.metrics.items()]
+        rows[t.hparams] += [{"checkpoint_id": m.id, "key": k, "value": canonical_json(v).decode()}
+                            for k, v in m.hparams.items()]
+        rows[t.checkpoint_objects] += [{"checkpoint_id": m.id, "object": h, "size": o.size}
+                                       for h, o in m.objects.items()]
+        rows[t.component_tensors] += [{"checkpoint_id": m.id, "component": c, "name": n, "object": ref.object,
+                                       "key": ref.key}
+                                      for c, comp in m.components.items() if comp.kind == "model"
+                                      for n, ref in comp.tensors.items()]  # fmt: skip
+    bulk_insert(conn, t.checkpoints, cps)
+    for table in _CHILD_TABLES:
+        bulk_insert(conn, table, rows[table])
+    return new
+
+
+_CHILD_TABLES = (t.parents, t.data_segments, t.metrics, t.hparams, t.checkpoint_objects, t.component_tensors)
 
 
 def _repository_id(engine: Engine, url: str) -> int:
@@ -249,7 +257,7 @@ def _repository_id(engine: Engine, url: str) -> int:
     return retrying(run)
 
 
-def index_repository(engine: Engine, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+def index_repository(engine: Engine, url: RepoLike, storage_options: dict[str, Any] | None = None,
                      *, hash_tensors: bool = True, full: bool = False) -> IndexReport:  # fmt: skip
     """Index what is new in the repository at ``url`` (every manifest with ``full``), then bring the status of
     each of its checkpoints up to date (committed, incomplete, archived, removed) from one listing of its
@@ -327,9 +335,10 @@ def index_repository(engine: Engine, url: str | os.PathLike[str], storage_option
         indexed = []
         with write(engine) as conn:
             now = _now()
+            new = _insert_checkpoints(conn, ((found[mid].manifest, found[mid].raw) for mid in good))
             for mid in good:
                 f = found[mid]
-                if _insert_checkpoint(conn, f.manifest, f.raw) or mid not in here:
+                if mid in new or mid not in here:
                     indexed.append(f.manifest.name if not f.archived else f"lineage/{mid}")
             # every location of this repository, from the listings: committed wins over archived
             status: dict[str, tuple[str, str]] = {}
@@ -348,12 +357,11 @@ def index_repository(engine: Engine, url: str | os.PathLike[str], storage_option
             for mid, (name, _s) in here.items():
                 if mid not in status:
                     status[mid] = (name, "removed")
-            for mid in sorted(status):
-                name, st = status[mid]
-                stmt = insert(conn, t.locations).values(repository_id=rid, checkpoint_id=mid, name=name, status=st,
-                                                        objects_missing=0, seen_at=now)  # fmt: skip
-                conn.execute(stmt.on_conflict_do_update(index_elements=["repository_id", "checkpoint_id"],
-                                                        set_={"name": name, "status": st, "seen_at": now}))
+            # every location was seen now; only those whose name or status changed are written one by one
+            conn.execute(update(t.locations).where(t.locations.c.repository_id == rid).values(seen_at=now))
+            changed = [{"repository_id": rid, "checkpoint_id": mid, "name": name, "status": st, "objects_missing": 0,
+                        "seen_at": now} for mid, (name, st) in sorted(status.items()) if here.get(mid) != (name, st)]
+            bulk_insert(conn, t.locations, changed, update=("name", "status", "seen_at"))
             conn.execute(update(t.repositories).where(t.repositories.c.id == rid).values(synced_at=now))
         return indexed
 
@@ -432,3 +440,55 @@ def _hash_tensors(engine: Engine, r: Repository, rid: int) -> int:
         retrying(run)
         done += 1
     return done
+
+
+def index_committed(engine: Engine, repo: RepoLike, manifest: Manifest, *, retired: Iterable[str] = (),
+                    storage_options: dict[str, Any] | None = None,
+                    hash_tensors: bool = False) -> IndexReport:  # fmt: skip
+    """Index a manifest its writer just committed to ``repo`` (``name`` under ``checkpoints/``, every object
+    stored), without reading the repository when every parent is in the catalog; mark ``retired`` (names the same
+    save pruned to ``lineage/``) archived.
+
+    The manifest is checked as :func:`index_repository` checks what it reads: its canonical bytes must hash to its
+    id, and each parent must be a verified manifest. A parent the catalog does not hold (a repository used before
+    the catalog, a parent in a repository not indexed) makes it index the whole repository instead, which verifies
+    the chain from the manifests as stored.
+
+    Raises:
+        ManifestError: the manifest's bytes do not hash to its id.
+        StorageError: the catalog (or, for the whole-repository case, the repository) cannot be reached.
+        sqlalchemy.exc.OperationalError: the catalog is locked or went away during the write.
+    """
+    r = open_repository(repo, storage_options)
+    key = normalise_url(r.url)
+    raw = dump_manifest(manifest)
+    m = parse_manifest(raw, f"{r.url}/checkpoints/{manifest.name}.json")  # the id is the hash of these bytes
+    with engine.connect() as conn:
+        known = _in_catalog(conn, [p.id for p in m.lineage.parents])
+    if any(p.id not in known for p in m.lineage.parents):
+        return index_repository(engine, r, None if isinstance(repo, Repository) else storage_options,
+                                hash_tensors=hash_tensors)  # fmt: skip
+    report = IndexReport(key, read=0)
+    rid = _repository_id(engine, key)
+    gone = sorted(set(retired) - {m.name})
+
+    def run() -> bool:
+        with write(engine) as conn:
+            now = _now()
+            new = bool(_insert_checkpoints(conn, [(m, raw)]))
+            bulk_insert(conn, t.locations, [{"repository_id": rid, "checkpoint_id": m.id, "name": m.name,
+                                             "status": "committed", "objects_missing": 0, "seen_at": now}],
+                        update=("name", "status", "objects_missing", "seen_at"))  # fmt: skip
+            if gone:
+                loc = t.locations.c
+                conn.execute(update(t.locations).where(loc.repository_id == rid, loc.name.in_(gone),
+                                                       loc.checkpoint_id != m.id,
+                                                       loc.status.in_(("committed", "incomplete")))
+                             .values(status="archived", seen_at=now))  # fmt: skip
+            return new
+
+    if retrying(run):
+        report.indexed.append(m.name)
+    if hash_tensors:
+        report.objects_hashed = _hash_tensors(engine, r, rid)
+    return report

@@ -29,7 +29,7 @@ import re
 import string
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -77,6 +77,9 @@ from ckptkit.schema import DataSegment, Lineage, Manifest, Parent, Progress, par
 from ckptkit.state import LoadReport, capture, check_targets, is_data_loader
 from ckptkit.state.files import check_optimizer_file, prepare_model_tensors, read_tensor_file, read_torch_file
 
+if TYPE_CHECKING:
+    from ckptkit.catalog.publish import CommitIndexer
+
 __all__ = ["CheckpointManager"]
 
 log = logging.getLogger("ckptkit")
@@ -112,6 +115,11 @@ class CheckpointManager:
             training loop's (a Linux nice increment, 0 to 19; 0 keeps them equal). The default, 10, lets training
             steps run at nearly full speed while the save is written in the CPU time they leave; when training
             keeps every core busy, the write takes longer (the next ``save`` waits for it). Linux only.
+        catalog: a catalog URL (a path, ``sqlite:///PATH``, ``postgresql://...``; see docs/catalog.md) to index each
+            checkpoint in as it is committed, by a background thread: a save never waits for the catalog nor
+            fails because of it (while it is unreachable, checkpoints wait in a bounded queue; what is left at
+            :meth:`close` is logged and indexed by the next ``ckptkit catalog sync``). Needs
+            ``ckptkit[catalog]``.
     """
 
     def __init__(
@@ -130,6 +138,7 @@ class CheckpointManager:
         data: DataSegment | None = None,
         async_save: bool = False,
         writer_nice: int = 10,
+        catalog: str | None = None,
     ) -> None:
         check_targets(state)
         if not isinstance(writer_nice, int) or isinstance(writer_nice, bool) or not 0 <= writer_nice <= 19:
@@ -172,6 +181,11 @@ class CheckpointManager:
         self._run_starts: dict[str, set[str]] = {}  # other runs' start points, for prune
         self._own = _name_pattern(name_format)  # the names this run's checkpoints have
         self._closed = False
+        self._catalog: CommitIndexer | None = None
+        if catalog is not None:  # imported here: a manager without a catalog never imports SQLAlchemy
+            from ckptkit.catalog.publish import CommitIndexer
+
+            self._catalog = CommitIndexer(catalog, self.repo)
 
     # --- reading -------------------------------------------------------------------------------------------
 
@@ -486,8 +500,9 @@ class CheckpointManager:
                                    hparams={**self.hparams, **(hparams or {})}, data=data, lineage=lineage,
                                    object_size=self.object_size)  # fmt: skip
         self._last = manifest
-        if self.retention is not None:
-            self.prune()
+        retired = self.prune() if self.retention is not None else []
+        if self._catalog is not None:
+            self._catalog.submit(manifest, retired=retired)  # returns at once; indexed in the background
         return manifest
 
     def wait(self) -> Manifest | None:
@@ -573,6 +588,8 @@ class CheckpointManager:
             if self._writer is not None:
                 self._writer.stop()
                 self._writer = None
+            if self._catalog is not None:
+                self._catalog.close()  # indexes what is queued (10 s at most), logs what it leaves to sync
             track(self, live=False)
 
     def __del__(self) -> None:
