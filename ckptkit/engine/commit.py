@@ -11,6 +11,7 @@ import platform
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -125,11 +126,20 @@ def commit_captured(
     with r.pending(packed):
         missing = r.missing_objects(packed)
         stored = _write_encoded(r, codec, packed, missing)
+        # An object's stored form never changes under its name: only objects this process has not yet written
+        # or seen are probed (a frozen backbone's objects once per Repository, not at every save)
+        known = _STORED.setdefault(r, {})
+        stored.update({h: known[h] for h in packed if h not in stored and h in known})
         stored.update(_stored_codecs(r, [h for h in packed if h not in stored]))
+        known.update(stored)
         fields["objects"] = {h: ObjectInfo(size=o.size, codec=stored[h]) for h, o in packed.items()}
         manifest = build_manifest(**fields)
         r.commit(name, dump_manifest(manifest))
     return manifest
+
+
+_STORED: weakref.WeakKeyDictionary[Repository, dict[str, str | None]] = weakref.WeakKeyDictionary()
+"""Per open Repository, the stored form (codec or None: raw) of each object a save wrote or probed."""
 
 
 def _write_encoded(
