@@ -9,15 +9,17 @@ objects, so the figures are about indexing manifests, not hashing tensors. The r
 ``transfer`` from a base checkpoint in another repository followed by its own train, resume and continue edges; a
 fifth of each chain is pruned to ``lineage/``.
 
-* ``catalog_index_per_s``: manifests indexed per second by ``Catalog.add`` of each repository in turn into a
-  fresh SQLite catalog (``hash_tensors=False``), from local disk.
+* ``catalog_index_per_s``: manifests indexed per second by ``Catalog.add_all`` of every repository into a fresh
+  SQLite catalog (``hash_tensors=False``), from local disk, with its default worker processes (one per CPU, at
+  most 8; ``--workers N``). The rows below it: the CPU time it took, and the same indexing in one process
+  (``Catalog.add`` of each repository in turn, into another fresh catalog; ``--no-serial`` skips it).
 * ``catalog_query_ms``: the slower median of ``where_data`` (a fine-tune's dataset: its repository's checkpoints)
   and ``descendants`` (of a base checkpoint 60% along its chain: the rest of the chain and the fine-tunes
   transferred from there on) on the full index. The rows also show the wide queries: ``where_data`` of a base
   dataset and ``descendants`` of a base's first checkpoint (its whole family, 1,000 checkpoints).
 * ``catalog_query_ms_pg``: the same on PostgreSQL, with the SQLite rows copied over (``COPY``) when
   tests/pgserver.py can start a server here; else n/a, with why.
-* ``catalog_sync_noop_s``: ``Catalog.sync()`` over every repository with nothing new.
+* ``catalog_sync_noop_s``: ``Catalog.sync()`` over every repository with nothing new (the same workers).
 
 Targets: index >= 2,000 manifests/s; queries <= 50 ms on SQLite, <= 100 ms on PostgreSQL.
 
@@ -175,11 +177,15 @@ def main() -> None:
     p.add_argument("--manifests", type=int, default=100_000, help="manifests in all (default 100,000)")
     p.add_argument("--repos", type=int, default=1000, help="repositories (default 1,000)")
     p.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL part")
+    p.add_argument("--workers", type=int, default=None, help="worker processes of add_all and sync (default: one per "
+                   "CPU, at most 8)")
+    p.add_argument("--no-serial", action="store_true", help="skip indexing again in one process (Catalog.add)")
     args = p.parse_args()
     check_common(p, args)
     if args.repos < 1 or args.manifests < args.repos:
         p.error("--repos must be positive and --manifests at least --repos")
     from ckptkit.catalog import Catalog
+    from ckptkit.catalog.pool import default_workers
 
     load_before = os.getloadavg()
     result: dict[str, Any] = {"manifests": args.manifests, "repos": args.repos, "runs": args.runs}
@@ -191,28 +197,48 @@ def main() -> None:
         log(f"generated {args.manifests} manifests in {result['generate_s']:.1f} s")
         db = str(root / "catalog.db")
         repos = sorted((root / "repos").iterdir())
+        if not args.no_serial:  # one process, one repository after another: what Catalog.add does
+            with Catalog(str(root / "serial.db")) as one:
+                start, cpu = time.perf_counter(), time.process_time()
+                indexed = 0
+                for r in repos:
+                    report = one.add(r, hash_tensors=False)
+                    if report.rejected:
+                        raise SystemExit(f"bench/catalog.py: {r}: not indexed: {report.rejected[:3]}")
+                    indexed += len(report.indexed)
+                serial_s = time.perf_counter() - start
+                result["catalog_index_serial_cpu_per_s"] = args.manifests / (time.process_time() - cpu)
+            if indexed != args.manifests:
+                raise SystemExit(f"bench/catalog.py: indexed {indexed} of {args.manifests} manifests in one process")
+            result["catalog_index_serial_s"] = serial_s
+            result["catalog_index_serial_per_s"] = args.manifests / serial_s
+            log(f"indexed in one process in {serial_s:.1f} s")
         with Catalog(db) as cat:
-            start, cpu = time.perf_counter(), time.process_time()
-            indexed = 0
-            for r in repos:
-                report = cat.add(r, hash_tensors=False)
-                if report.rejected:
-                    raise SystemExit(f"bench/catalog.py: {r}: not indexed: {report.rejected[:3]}")
-                indexed += len(report.indexed)
+            before = os.times()
+            start = time.perf_counter()
+            reports = cat.add_all(repos, hash_tensors=False, workers=args.workers)
             index_s = time.perf_counter() - start
-            result["catalog_index_cpu_per_s"] = args.manifests / (time.process_time() - cpu)
+            after = os.times()
+            bad = [r for r in reports if r.rejected]
+            if bad:
+                raise SystemExit(f"bench/catalog.py: {bad[0].repo}: not indexed: {bad[0].rejected[:3]}")
+            indexed = sum(len(r.indexed) for r in reports)
+            cpu_s = sum(getattr(after, k) - getattr(before, k)
+                        for k in ("user", "system", "children_user", "children_system"))  # fmt: skip
+            result["catalog_index_cpu_per_s"] = args.manifests / cpu_s
+            result["workers"] = args.workers if args.workers is not None else default_workers(len(repos))
             if indexed != args.manifests:
                 raise SystemExit(f"bench/catalog.py: indexed {indexed} of {args.manifests} manifests")
             result["catalog_index_s"] = index_s
             result["catalog_index_per_s"] = args.manifests / index_s
-            log(f"indexed in {index_s:.1f} s")
+            log(f"indexed by add_all ({result['workers']} workers) in {index_s:.1f} s")
             q = queries(cat, probe, args.runs)
             result["queries"] = {k: {"ms": ms, "results": n} for k, (ms, n) in q.items()}
             result["catalog_query_ms"] = max(q["where_data"][0], q["descendants"][0])
             syncs = []
             for _ in range(max(1, min(args.runs, 3))):
                 start = time.perf_counter()
-                reports = cat.sync(hash_tensors=False)
+                reports = cat.sync(hash_tensors=False, workers=args.workers)
                 syncs.append(time.perf_counter() - start)
                 if any(r.indexed or r.rejected for r in reports):
                     raise SystemExit("bench/catalog.py: a sync with nothing new indexed or rejected something")
@@ -249,10 +275,16 @@ def main() -> None:
         rows = []
         t, ok = verdict(measured, "catalog_index_per_s", result["catalog_index_per_s"])
         rate = f"{result['catalog_index_per_s']:.0f}"
-        rows.append((f"catalog_index_per_s ({args.manifests} manifests / s, total s)",
+        rows.append((f"catalog_index_per_s ({args.manifests} manifests / s by add_all, {result['workers']} "
+                     "workers; total s)",
                      f"{result['catalog_index_s']:.3f}", "-", rate, t, ok))  # fmt: skip
-        rows.append(("  per second of this process's CPU time", "-", "-",
+        rows.append(("  per second of CPU time (this process and its workers)", "-", "-",
                      f"{result['catalog_index_cpu_per_s']:.0f}", "-", "-"))  # fmt: skip
+        if "catalog_index_serial_per_s" in result:
+            rows.append(("  in one process (Catalog.add of each in turn)", f"{result['catalog_index_serial_s']:.3f}",
+                         "-", f"{result['catalog_index_serial_per_s']:.0f}", "-", "-"))  # fmt: skip
+            rows.append(("    per second of its CPU time", "-", "-",
+                         f"{result['catalog_index_serial_cpu_per_s']:.0f}", "-", "-"))  # fmt: skip
         for suffix, key in (("", "queries"), (" pg", "queries_pg")):
             for name, v in result.get(key, {}).items():
                 rows.append((f"  {name}{suffix} ({v['results']} results, ms)", f"{v['ms'] / 1000:.4f}", "-",

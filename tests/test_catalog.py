@@ -286,6 +286,61 @@ def test_two_processes_syncing_at_once_store_each_manifest_once(catalog_url: str
     engine.dispose()
 
 
+def _rows(catalog_url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table's rows but the bookkeeping columns (times, database ids): what two indexings must agree on."""
+    engine = create_engine(resolve_url(catalog_url))
+    skip = {"indexed_at", "seen_at", "added_at", "synced_at", "id", "repository_id"}
+    out = {}
+    with engine.connect() as conn:
+        for table in (t.checkpoints, t.locations, t.parents, t.data_segments, t.metrics, t.hparams,
+                      t.checkpoint_objects, t.component_tensors, t.object_tensors):  # fmt: skip
+            cols = [c for c in table.c if c.name not in skip or (table is t.checkpoints and c.name == "id")]
+            out[table.name] = sorted(tuple(r) for r in conn.execute(select(*cols)))
+        urls = {i: u for i, u in conn.execute(select(t.repositories.c.id, t.repositories.c.url))}
+        out["locations_repo"] = sorted((urls[r], c, s) for r, c, s in conn.execute(
+            select(t.locations.c.repository_id, t.locations.c.checkpoint_id, t.locations.c.status)))  # fmt: skip
+    engine.dispose()
+    return out
+
+
+def test_many_repositories_in_worker_processes_index_as_one_by_one(catalog_url: str, world: World,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    copies = []
+    for k in range(3):  # the same checkpoints under other names: each location is its own row
+        shutil.copytree(world.base, tmp_path / f"base-{k}")
+        copies.append(str(tmp_path / f"base-{k}"))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(world.fine, tampered)
+    path = tampered / "checkpoints" / "step-00000002.json"
+    path.write_bytes(path.read_bytes().replace(b'"loss":0.1', b'"loss":0.01'))
+    missing = str(tmp_path / "no-such-repo")
+    urls = [world.fine, *copies, str(tampered), missing, world.base, world.imp]
+    serial = str(tmp_path / "serial.db")
+    with Catalog(serial) as one:
+        expected = [one.add(u) if u != missing else None for u in urls]
+    with Catalog(catalog_url) as cat:
+        reports = cat.add_all(urls, workers=2)
+        assert [r.repo for r in reports] == [str(Path(u).resolve()) for u in urls]  # in the order asked
+        for got, want in zip(reports, expected, strict=True):
+            if want is None:  # reported, not fatal to the others
+                [(where, why)] = got.rejected
+                assert where == missing and "cannot read the repository" in why
+                continue
+            assert (sorted(got.indexed), got.status, got.ok) == (sorted(want.indexed), want.status, want.ok)
+        assert "does not match its content" in dict(reports[4].rejected)[str(path)]
+        assert _rows(catalog_url) == _rows(serial)
+        again = cat.sync(workers=2)
+        assert len(again) == len(urls) - 1 and all(r.read == 0 and not r.indexed for r in again[:3])
+        with pytest.raises(InvalidArgumentError, match="workers=0"):
+            cat.add_all(urls, workers=0)
+        with pytest.raises(InvalidArgumentError, match="storage_options must be JSON"):
+            cat.add_all(urls, {"key": object()}, workers=2)
+    res = run_cli([["catalog", "add", *copies, "--workers", "2", "--json"]], env={"CKPTKIT_CATALOG": catalog_url},
+                  timeout=120)[0]  # fmt: skip
+    assert res["rc"] == 0, res["err"]
+    assert [r["read"] for r in json.loads(res["out"])] == [0, 0, 0]
+
+
 def test_pruned_and_damaged_checkpoints_are_marked_not_forgotten(cat: Catalog, tmp_path: Path) -> None:
     repo = str(tmp_path / "run")
     model = torch.nn.Linear(2, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, Literal
@@ -13,9 +14,10 @@ from ckptkit.catalog import queries
 from ckptkit.catalog import tables as t
 from ckptkit.catalog.database import open_engine, resolve_url
 from ckptkit.catalog.indexer import IndexReport, index_repository, normalise_url
+from ckptkit.catalog.pool import index_many
 from ckptkit.catalog.queries import CheckpointRecord, FindMatch
 from ckptkit.catalog.tensors import file_tensor_hashes
-from ckptkit.errors import CkptkitError, InvalidArgumentError
+from ckptkit.errors import InvalidArgumentError
 
 __all__ = ["Catalog"]
 
@@ -77,6 +79,11 @@ class Catalog:
                 one read of each object not hashed before, in any repository.
             full: read every manifest again, not only names the catalog does not hold.
 
+        Raises:
+            CheckpointNotFoundError: nothing at ``repo`` (no checkpoint, no archived manifest) and the catalog
+                does not know it: a mistyped URL is not added as an empty repository.
+            StorageError: the repository or the catalog cannot be reached.
+
         Example::
 
             report = cat.add("s3://bucket/runs/base")
@@ -84,10 +91,30 @@ class Catalog:
         """
         return index_repository(self.engine, repo, storage_options, hash_tensors=hash_tensors, full=full)
 
+    def add_all(self, repos: Iterable[str | os.PathLike[str]], storage_options: dict[str, Any] | None = None, *,
+                hash_tensors: bool = True, full: bool = False, workers: int | None = None) -> list[IndexReport]:
+        """Index many repositories, several at a time: :meth:`add` of each, in ``workers`` worker processes
+        (``None``: one per CPU, at most 8, when there are at least 4 repositories for each; ``1``: in this
+        process). A repository that cannot be read is reported (``rejected``), not fatal to the others.
+
+        Raises:
+            InvalidArgumentError: ``workers`` below 1, or ``storage_options`` that are not JSON with workers (they
+                reach the worker processes through a pipe; ``workers=1`` takes any).
+
+        Example::
+
+            reports = cat.add_all([f"s3://bucket/runs/{name}" for name in runs])
+            sum(len(r.indexed) for r in reports), [r.repo for r in reports if not r.ok]
+        """
+        urls = [normalise_url(r) for r in repos]
+        return index_many(self.url, self.engine, urls, storage_options, hash_tensors=hash_tensors, full=full,
+                          workers=workers)  # fmt: skip
+
     def sync(self, repo: str | os.PathLike[str] | None = None, storage_options: dict[str, Any] | None = None, *,
-             hash_tensors: bool = True) -> list[IndexReport]:  # fmt: skip
+             hash_tensors: bool = True, workers: int | None = None) -> list[IndexReport]:  # fmt: skip
         """Index what is new in every known repository (or in ``repo``): one listing of each, and reads of the
-        new manifests only. A repository that cannot be read is reported (``rejected``), not fatal.
+        new manifests only, in ``workers`` processes as :meth:`add_all`. A repository that cannot be read is
+        reported (``rejected``), not fatal.
 
         Example::
 
@@ -95,13 +122,8 @@ class Catalog:
                 print(report.repo, len(report.indexed), report.rejected)
         """
         urls = [self._repo_url(repo)] if repo is not None else self.repositories()
-        out = []
-        for url in urls:
-            try:
-                out.append(self.add(url, storage_options, hash_tensors=hash_tensors))
-            except (CkptkitError, OSError) as err:
-                out.append(IndexReport(url, rejected=[(url, f"cannot read the repository: {err}")]))
-        return out
+        return index_many(self.url, self.engine, urls, storage_options, hash_tensors=hash_tensors, full=False,
+                          workers=workers)  # fmt: skip
 
     def repositories(self) -> list[str]:
         """The URLs of the indexed repositories, in the order they were added."""

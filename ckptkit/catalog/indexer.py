@@ -247,7 +247,17 @@ def _insert_checkpoints(conn: Connection, found: Iterable[tuple[Manifest, bytes]
 _CHILD_TABLES = (t.parents, t.data_segments, t.metrics, t.hparams, t.checkpoint_objects, t.component_tensors)
 
 
+def _known(engine: Engine, url: str) -> int | None:
+    with engine.connect() as conn:
+        rid = conn.execute(select(t.repositories.c.id).where(t.repositories.c.url == url)).scalar_one_or_none()
+    return None if rid is None else int(rid)
+
+
 def _repository_id(engine: Engine, url: str) -> int:
+    known = _known(engine, url)  # a repository the catalog knows needs no write transaction
+    if known is not None:
+        return known
+
     def run() -> int:
         with write(engine) as conn:
             conn.execute(insert(conn, t.repositories).values(url=url, added_at=_now())
@@ -270,9 +280,11 @@ def index_repository(engine: Engine, url: RepoLike, storage_options: dict[str, A
     r = open_repository(url, storage_options)
     key = normalise_url(r.url)
     report = IndexReport(key)
-    rid = _repository_id(engine, key)
     names = r.list()
     archived = _archived_ids(r)
+    if not names and not archived and not _known(engine, key):  # a typo in the URL is not a new, empty repository
+        raise CheckpointNotFoundError(r.url, None)
+    rid = _repository_id(engine, key)
     with engine.connect() as conn:
         here = {row.checkpoint_id: (row.name, row.status) for row in conn.execute(
             select(t.locations.c.checkpoint_id, t.locations.c.name, t.locations.c.status)

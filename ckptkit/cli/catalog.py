@@ -83,19 +83,29 @@ def catalog(ctx: click.Context, url: str | None) -> None:
     ctx.obj = url
 
 
+_workers = click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="index N repositories at a time in worker processes [default: one per CPU, at most 8, "
+                             "when there are 4 repositories or more for each]")  # fmt: skip
+
+
 @catalog.command("add")
-@click.argument("url")
+@click.argument("urls", nargs=-1, required=True, metavar="URL...")
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
               help="fsspec storage option (repeatable; used now, never stored)")  # fmt: skip
 @click.option("--no-tensors", is_flag=True, help="do not read objects to hash tensors (find will not match these)")
 @click.option("--full", is_flag=True, help="read every manifest again, not only new names")
+@_workers
 @_json
 @click.pass_context
-def add_cmd(ctx: click.Context, url: str, options: tuple[str, ...], no_tensors: bool, full: bool,
-            as_json: bool) -> None:  # fmt: skip
-    """Index the repository at URL (exit 1 when a manifest was not indexed: tampered or a broken chain)."""
+def add_cmd(ctx: click.Context, urls: tuple[str, ...], options: tuple[str, ...], no_tensors: bool, full: bool,
+            workers: int | None, as_json: bool) -> None:  # fmt: skip
+    """Index the repositories at URL... (exit 1 when a manifest was not indexed: tampered or a broken chain)."""
     opts = _options(options)
-    _report([_open(ctx).add(url, opts or None, hash_tensors=not no_tensors, full=full)], as_json)
+    cat = _open(ctx)
+    if len(urls) == 1:  # one repository: its errors are the command's (a typo in the URL says so)
+        _report([cat.add(urls[0], opts or None, hash_tensors=not no_tensors, full=full)], as_json)
+    else:
+        _report(cat.add_all(urls, opts or None, hash_tensors=not no_tensors, full=full, workers=workers), as_json)
 
 
 def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -114,11 +124,12 @@ def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
 @catalog.command("sync")
 @click.option("--repo", default=None, metavar="URL", help="only this repository")
 @click.option("--no-tensors", is_flag=True, help="do not read objects to hash tensors")
+@_workers
 @_json
 @click.pass_context
-def sync_cmd(ctx: click.Context, repo: str | None, no_tensors: bool, as_json: bool) -> None:
+def sync_cmd(ctx: click.Context, repo: str | None, no_tensors: bool, workers: int | None, as_json: bool) -> None:
     """Index what is new in every known repository (exit 1 when a manifest was not indexed)."""
-    _report(_open(ctx).sync(repo, hash_tensors=not no_tensors), as_json)
+    _report(_open(ctx).sync(repo, hash_tensors=not no_tensors, workers=workers), as_json)
 
 
 @catalog.command("where")
@@ -209,3 +220,5 @@ def ls_cmd(ctx: click.Context, repo: str | None, relation: str | None, since: st
         hp[key] = _options((p,))[key]
     recs = _open(ctx).ls(repo, relation=relation, since=since, hparams=hp or None, status=status, limit=limit)
     _records(recs, as_json, "checkpoints")
+
+from ckptkit.cli import catalog_html as _catalog_html  # noqa: E402,F401  (registers `catalog html` on the group)
