@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -26,6 +25,9 @@ from ckptkit.history.graph import history
 from ckptkit.history.render import render
 from ckptkit.schema import DataSegment
 from ckptkit.training import PlannedLR
+
+sys.path.insert(0, str(Path(__file__).parent))
+from screenshots import blobs, screenshot
 
 
 def _mlp(out: int = 1, seed: int = 0) -> torch.nn.Module:
@@ -250,40 +252,12 @@ def _folded_history(tmp: Path) -> str:
     return fine
 
 
-def _blobs(img: Any, color: str) -> int:
-    """Connected regions of exactly ``color`` (#rrggbb) in an RGB screenshot, ignoring specks under 40 pixels."""
-    import numpy as np
-
-    rgb = np.asarray(img.convert("RGB")).astype(int)
-    want = [int(color[i:i + 2], 16) for i in (1, 3, 5)]
-    mask = (np.abs(rgb - want).max(axis=2) <= 2)
-    seen = np.zeros_like(mask)
-    count = 0
-    height, width = mask.shape
-    for y, x in zip(*np.nonzero(mask), strict=True):
-        if seen[y, x]:
-            continue
-        stack, size = [(y, x)], 0
-        seen[y, x] = True
-        while stack:
-            cy, cx = stack.pop()
-            size += 1
-            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
-                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-        count += size >= 40
-    return count
-
-
 @pytest.mark.skipif(shutil.which("chromium") is None and not IN_CI, reason="Chromium not installed (.ci/run installs it)")
 @pytest.mark.skipif(shutil.which("dot") is None and not IN_CI, reason="Graphviz not installed (.ci/run installs it)")
 def test_audit_page_in_headless_chromium_draws_the_lineage_and_folds_plain_training(tmp_path: Path) -> None:
     """The page a reviewer opens: its screenshot shows each lineage node (coloured by relation) and one integrity
     badge per history row; five plain train checkpoints are one node and one folded row; metrics are plotted
     against labelled global-step axes; each training segment lists its data."""
-    from PIL import Image
-
     from ckptkit.history.page import RELATION_COLORS
 
     fine = _folded_history(tmp_path)
@@ -292,19 +266,14 @@ def test_audit_page_in_headless_chromium_draws_the_lineage_and_folds_plain_train
     page = html_file.read_text()
     assert "5 train checkpoints, steps 2..6" in page and "global step" in page and ">loss</text>" in page
     assert "part-1: 112 samples" in page and "part-2: 32 samples" in page  # data per training segment
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1300,4000",
-           html_file.as_uri()]  # fmt: skip
-    subprocess.run(cmd, capture_output=True, timeout=120, check=False)
-    img = Image.open(shot)
+    img = screenshot(html_file, shot, tmp_path / "profile")
     # legend (1 each) + graph node + the history row's relation badge: transfer, continue and init appear once
     # each in the graph and the table; the folded run is one graph node and no table badge
     for relation in ("transfer", "continue", "init"):
-        assert _blobs(img, RELATION_COLORS[relation]) == 3, relation
-    assert _blobs(img, RELATION_COLORS["folded"]) == 2
+        assert blobs(img, RELATION_COLORS[relation]) == 3, relation
+    assert blobs(img, RELATION_COLORS["folded"]) == 2
     # one integrity badge per history row shown: fine 2, 1; base 9, 8 (continue), 7, 1 (init); the run folded
-    assert _blobs(img, "#d1fadf") + _blobs(img, "#e0e7ff") == 6
+    assert blobs(img, "#d1fadf") + blobs(img, "#e0e7ff") == 6
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None and not IN_CI, reason="Chromium not installed (.ci/run installs it)")

@@ -9,7 +9,7 @@ import html
 import json
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,28 @@ from ckptkit.history.graph import History, Node
 if TYPE_CHECKING:
     from ckptkit.history.audit import Audit
 
-__all__ = ["FOLD", "RELATION_COLORS", "Run", "fold_runs", "lineage_dot", "lineage_svg", "page", "segments"]
+__all__ = [
+    "BADGE_COLORS",
+    "FOLD",
+    "PAGE_CSS",
+    "PALETTE",
+    "RELATION_COLORS",
+    "DotNode",
+    "Run",
+    "chain_segments",
+    "chart",
+    "dot_source",
+    "dot_svg",
+    "fold_chains",
+    "fold_runs",
+    "legend",
+    "lineage_dot",
+    "lineage_svg",
+    "page",
+    "repo_short",
+    "run_label",
+    "segments",
+]
 
 FOLD = 3
 """Runs of more plain ``train`` checkpoints than this are folded into one node / row."""
@@ -29,8 +50,22 @@ RELATION_COLORS = {
 }  # fmt: skip
 """The fill of a lineage node, by the relation that made its checkpoint (``folded``: a run of plain training)."""
 
-_OK, _BAD, _ARCHIVED = "#d1fadf", "#fecaca", "#e0e7ff"  # integrity badges: verified, problems, manifest only
-_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"]
+BADGE_COLORS = {"verified": "#d1fadf", "problems": "#fecaca", "archived": "#e0e7ff", "removed": "#fed7aa"}
+"""The fill of an integrity badge: verified, problems found (objects missing), manifest only (archived by
+retention), manifest gone from its repository (what the catalog still remembers)."""
+_OK, _BAD, _ARCHIVED = BADGE_COLORS["verified"], BADGE_COLORS["problems"], BADGE_COLORS["archived"]
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"]
+"""Line colours of the metric charts, one per metric."""
+
+PAGE_CSS = """
+body { font-family: Helvetica, Arial, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: .5em 0 1.5em; } td, th { border: 1px solid #ccc; padding: 4px 8px; }
+th { background: #f0f0f0; } .ok { color: #1a7f37; font-weight: bold; } .bad { color: #b00020; font-weight: bold; }
+code { font-size: 90%; } .badge, .rel { padding: 1px 6px; border-radius: 4px; border: 1px solid #9ca3af;
+  white-space: nowrap; }
+tr.folded td { background: #fafafa; } details summary { cursor: pointer; } .graph svg { max-width: 100%; }
+"""
+"""The style sheet of the audit and catalog pages (inlined: the pages load nothing)."""
 
 
 @dataclass
@@ -45,39 +80,60 @@ class Run:
 
     @property
     def label(self) -> str:
-        lo, hi = self.steps
-        return f"{len(self.nodes)} train checkpoints, steps {lo}..{hi}"
+        return run_label(len(self.nodes), *self.steps)
 
 
-def fold_runs(h: History, fold: int = FOLD) -> dict[str, Run]:
+def run_label(count: int, lo: int, hi: int) -> str:
+    """The label of a folded run: ``"5 train checkpoints, steps 2..6"``."""
+    return f"{count} train checkpoints, steps {lo}..{hi}"
+
+
+def fold_chains(order: Sequence[str], relation: Mapping[str, str], edges: Iterable[tuple[str, str, str]],
+                fold: int = FOLD) -> list[list[str]]:  # fmt: skip
     """Runs of more than ``fold`` checkpoints that are plain training in a linear chain (made by ``train`` from
-    one parent, and the only parent of one child by ``train``), by the id of each checkpoint they hold."""
+    one parent, and the only parent of one child by ``train``), each as its ids newest first.
+
+    Args:
+        order: the checkpoints' ids, newest first (a run starts at its newest checkpoint).
+        relation: the relation that made each checkpoint, by id: the checkpoints a run may hold.
+        edges: (child id, parent id, relation), parents outside ``relation`` included.
+    """
     parents: dict[str, list[tuple[str, str]]] = {}
     children: dict[str, list[tuple[str, str]]] = {}
-    for c, p, r in h.edges:
+    for c, p, r in edges:
         parents.setdefault(c, []).append((p, r))
         children.setdefault(p, []).append((c, r))
 
-    def interior(n: Node) -> bool:
-        ps, cs = parents.get(n.id, []), children.get(n.id, [])
-        return (n.manifest.lineage.relation == "train" and [r for _, r in ps] == ["train"]
-                and [r for _, r in cs] == ["train"])  # fmt: skip
+    def interior(i: str) -> bool:
+        ps, cs = parents.get(i, []), children.get(i, [])
+        return relation.get(i) == "train" and [r for _, r in ps] == ["train"] and [r for _, r in cs] == ["train"]
 
-    out: dict[str, Run] = {}
+    out: list[list[str]] = []
     seen: set[str] = set()
-    for n in h.nodes:  # newest first: a run starts at its newest checkpoint
-        if n.id in seen or not interior(n):
+    for i in order:
+        if i in seen or not interior(i):
             continue
-        run = [n]
-        seen.add(n.id)
-        nxt = h.node(parents[n.id][0][0])
-        while nxt is not None and nxt.id not in seen and interior(nxt):
+        run = [i]
+        seen.add(i)
+        nxt = parents[i][0][0]
+        while nxt in relation and nxt not in seen and interior(nxt):
             run.append(nxt)
-            seen.add(nxt.id)
-            nxt = h.node(parents[nxt.id][0][0])
+            seen.add(nxt)
+            nxt = parents[nxt][0][0]
         if len(run) > fold:
-            folded = Run(run)
-            out.update({m.id: folded for m in run})
+            out.append(run)
+    return out
+
+
+def fold_runs(h: History, fold: int = FOLD) -> dict[str, Run]:
+    """Runs of more than ``fold`` checkpoints of plain training (:func:`fold_chains`), by the id of each
+    checkpoint they hold."""
+    nodes = {n.id: n for n in h.nodes}
+    out: dict[str, Run] = {}
+    for ids in fold_chains([n.id for n in h.nodes], {n.id: n.manifest.lineage.relation for n in h.nodes}, h.edges,
+                           fold):  # fmt: skip
+        folded = Run([nodes[i] for i in ids])
+        out.update({i: folded for i in ids})
     return out
 
 
@@ -85,8 +141,63 @@ def _dot_esc(s: str) -> str:
     return s.replace("\\", "\\\\").replace('"', "'")
 
 
-def _repo_short(url: str) -> str:
+def repo_short(url: str) -> str:
+    """A repository's last path component, as the pages label it."""
     return url.rstrip("/").rsplit("/", 1)[-1] or url
+
+
+@dataclass(frozen=True)
+class DotNode:
+    """One box of a lineage drawing: its DOT key, label lines (plain text: escaped when drawn), fill, the
+    repository whose cluster holds it (None: outside every cluster) and whether it is drawn dashed."""
+
+    key: str
+    lines: Sequence[str]
+    fill: str
+    cluster: str | None
+    dashed: bool = False
+    bold: bool = False
+
+
+def dot_source(nodes: Sequence[DotNode], edges: Iterable[tuple[str, str, str]]) -> str:
+    """A lineage drawing as Graphviz DOT: the nodes (one dashed cluster per repository, labelled with its last
+    path component), and ``edges`` (child key, parent key, relation) labelled with their relation."""
+    lines = ["digraph lineage {", "  rankdir=BT; nodesep=0.3; ranksep=0.35;",
+             '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, color="#374151"];',
+             '  edge [fontname="Helvetica", fontsize=9, color="#6b7280"];']  # fmt: skip
+    by_repo: dict[str, list[str]] = {}
+    outside: list[str] = []
+    for n in nodes:
+        label = "\\n".join(_dot_esc(x) for x in n.lines)
+        style = "rounded,filled,dashed" if n.dashed else "rounded,filled"
+        pen = ", penwidth=2.5" if n.bold else ""
+        line = f'    "{_dot_esc(n.key)}" [label="{label}", fillcolor="{n.fill}", style="{style}"{pen}];'
+        (outside if n.cluster is None else by_repo.setdefault(n.cluster, [])).append(line)
+    for i, (url, members) in enumerate(by_repo.items()):
+        lines.append(f'  subgraph cluster_{i} {{ label="{_dot_esc(repo_short(url))}"; fontname="Helvetica"; '
+                     'fontsize=10; style="dashed"; color="#9ca3af";')  # fmt: skip
+        lines.extend(members)
+        lines.append("  }")
+    lines.extend(x[2:] for x in outside)
+    for c, p, r in sorted(set(edges)):
+        lines.append(f'  "{_dot_esc(c)}" -> "{_dot_esc(p)}" [label="{_dot_esc(r)}"];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def dot_svg(source: str) -> str | None:
+    """DOT ``source`` rendered by Graphviz's ``dot`` as inline SVG (text escaped by Graphviz), or None when
+    ``dot`` is not installed or fails."""
+    dot = shutil.which("dot")
+    if dot is None:
+        return None
+    try:
+        out = subprocess.run([dot, "-Tsvg"], input=source.encode(), capture_output=True, check=True,
+                             timeout=60).stdout.decode()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    start = out.find("<svg")
+    return out[start:] if start >= 0 else None
 
 
 def lineage_dot(h: History, fold: int = FOLD) -> str:
@@ -100,10 +211,7 @@ def lineage_dot(h: History, fold: int = FOLD) -> str:
     """
     runs = fold_runs(h, fold)
     key = {n.id: (f"run{id(runs[n.id])}" if n.id in runs else n.id[:12]) for n in h.nodes}
-    lines = ["digraph lineage {", "  rankdir=BT; nodesep=0.3; ranksep=0.35;",
-             '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, color="#374151"];',
-             '  edge [fontname="Helvetica", fontsize=9, color="#6b7280"];']  # fmt: skip
-    by_repo: dict[str, list[str]] = {}
+    nodes: list[DotNode] = []
     done: set[str] = set()
     for n in h.nodes:
         k = key[n.id]
@@ -111,68 +219,67 @@ def lineage_dot(h: History, fold: int = FOLD) -> str:
             continue
         done.add(k)
         if n.id in runs:
-            label, fill, style = _dot_esc(runs[n.id].label), RELATION_COLORS["folded"], "rounded,filled,dashed"
+            nodes.append(DotNode(k, [runs[n.id].label], RELATION_COLORS["folded"], n.url, dashed=True))
         else:
             m = n.manifest
             metrics = " ".join(f"{a}={v:.3g}" for a, v in list(m.metrics.items())[:2])
             parts = [m.name, f"{m.lineage.relation}, step {m.progress.global_step}", *([metrics] if metrics else [])]
-            label = "\\n".join(_dot_esc(x) for x in parts)
-            fill = RELATION_COLORS.get(m.lineage.relation, "#ffffff")
-            style = "rounded,filled,dashed" if n.archived else "rounded,filled"
-        by_repo.setdefault(n.url, []).append(f'    "{k}" [label="{label}", fillcolor="{fill}", '
-                                             f'style="{style}"];')
-    for i, (url, nodes) in enumerate(by_repo.items()):
-        lines.append(f'  subgraph cluster_{i} {{ label="{_dot_esc(_repo_short(url))}"; fontname="Helvetica"; '
-                     'fontsize=10; style="dashed"; color="#9ca3af";')  # fmt: skip
-        lines.extend(nodes)
-        lines.append("  }")
+            nodes.append(DotNode(k, parts, RELATION_COLORS.get(m.lineage.relation, "#ffffff"), n.url,
+                                 dashed=n.archived))  # fmt: skip
     edges: set[tuple[str, str, str]] = set()
     for c, p, r in h.edges:
         if c not in key:
             continue
         if p not in key:
-            lines.append(f'  "missing{p[:12]}" [label="{p[:12]}\\n(not found)", fillcolor="#fecaca"];')
+            nodes.append(DotNode(f"missing{p[:12]}", [p[:12], "(not found)"], "#fecaca", None))
             edges.add((key[c], f"missing{p[:12]}", r))
         elif key[c] != key[p]:
             edges.add((key[c], key[p], r))
-    for c, p, r in sorted(edges):
-        lines.append(f'  "{c}" -> "{p}" [label="{r}"];')
-    lines.append("}")
-    return "\n".join(lines)
+    return dot_source(nodes, edges)
 
 
 def lineage_svg(h: History, fold: int = FOLD) -> str | None:
     """:func:`lineage_dot` rendered by Graphviz's ``dot`` as inline SVG, or None when ``dot`` is not installed."""
-    dot = shutil.which("dot")
-    if dot is None:
-        return None
-    try:
-        out = subprocess.run([dot, "-Tsvg"], input=lineage_dot(h, fold).encode(), capture_output=True, check=True,
-                             timeout=60).stdout.decode()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    start = out.find("<svg")
-    return out[start:] if start >= 0 else None
+    return dot_svg(lineage_dot(h, fold))
+
+
+def legend() -> str:
+    """The relation colours, as the pages show them above the lineage."""
+    return " ".join(f'<span class="rel" style="background:{c}">{k}</span>' for k, c in RELATION_COLORS.items())
+
+
+def chain_segments(order: Sequence[str], relation: Mapping[str, str],
+                   edges: Iterable[tuple[str, str, str]]) -> list[tuple[str, list[str]]]:  # fmt: skip
+    """Training segments, oldest first, as (head id, member ids): each starts at a checkpoint made by something
+    other than plain training (init, resume, continue, transfer, import), or whose ``train`` parent is not in
+    ``order``, and holds the ``train`` checkpoints that follow it on its chain.
+
+    Args:
+        order: ids, oldest first.
+        relation: the relation that made each checkpoint, by id.
+        edges: (child id, parent id, relation).
+    """
+    parent = {c: p for c, p, r in edges if r == "train"}
+    start_of: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
+    for i in order:
+        p = parent.get(i) if relation.get(i) == "train" else None
+        head = start_of.get(p) if p is not None else None
+        if head is None:
+            head = i
+            out[i] = []
+        else:
+            out[head].append(i)
+        start_of[i] = head
+    return list(out.items())
 
 
 def segments(a: Audit) -> list[tuple[Node, list[Node]]]:
-    """Training segments, oldest first: each starts at a checkpoint made by something other than plain training
-    (init, resume, continue, transfer, import) and holds the ``train`` checkpoints that follow it on its chain."""
+    """Training segments of an audit, oldest first (:func:`chain_segments`)."""
     order = sorted(a.history.nodes, key=lambda n: (n.manifest.created_at, n.manifest.progress.global_step))
-    parent = {c: p for c, p, r in a.history.edges if r == "train"}
-    start_of: dict[str, Node] = {}
-    out: dict[str, list[Node]] = {}
-    for n in order:
-        p = parent.get(n.id) if n.manifest.lineage.relation == "train" else None
-        head = start_of.get(p) if p is not None else None
-        if head is None:
-            head = n
-            out[n.id] = []
-        else:
-            out[head.id].append(n)
-        start_of[n.id] = head
-    heads = {n.id: n for n in order}
-    return [(heads[h], members) for h, members in out.items()]
+    nodes = {n.id: n for n in order}
+    segs = chain_segments([n.id for n in order], {n.id: n.manifest.lineage.relation for n in order}, a.history.edges)
+    return [(nodes[h], [nodes[m] for m in members]) for h, members in segs]
 
 
 def _axis_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -181,8 +288,9 @@ def _axis_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
 
 
-def _chart(name: str, pts: Sequence[tuple[int, float, str]], color: str, width: int = 620, height: int = 220) -> str:
-    """One metric against the global step: labelled axes with tick values, one line per repository."""
+def chart(name: str, pts: Sequence[tuple[int, float, str]], color: str, width: int = 620, height: int = 220) -> str:
+    """One metric against the global step as inline SVG: labelled axes with tick values, one line per series
+    (the third item of each point: a repository URL, labelled with its last path component)."""
     e = html.escape
     left, right, top, bottom = 64, 16, 24, 44
     xs = [s for s, _, _ in pts]
@@ -206,7 +314,7 @@ def _chart(name: str, pts: Sequence[tuple[int, float, str]], color: str, width: 
            "global step</text>",
            f'<text x="12" y="{(top + height - bottom) / 2:.0f}" font-size="11" text-anchor="middle" '
            f'transform="rotate(-90 12 {(top + height - bottom) / 2:.0f})">{e(name)}</text>']  # fmt: skip
-    for t in _axis_ticks(x0, x1) if x1 > x0 else [x0]:
+    for t in sorted({float(round(x)) for x in _axis_ticks(x0, x1)}):  # steps are integers: no tick twice
         out.append(f'<line x1="{sx(t):.1f}" y1="{height - bottom}" x2="{sx(t):.1f}" y2="{height - bottom + 4}" '
                    f'stroke="#444"/><text x="{sx(t):.1f}" y="{height - bottom + 16}" font-size="10" '
                    f'text-anchor="middle">{t:.0f}</text>')  # fmt: skip
@@ -225,7 +333,7 @@ def _chart(name: str, pts: Sequence[tuple[int, float, str]], color: str, width: 
         out.extend(f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="2.5" fill="{color}"/>' for s, v in line)
         if len(by_repo) > 1:
             out.append(f'<text x="{width - right}" y="{top + 12 * (i + 1)}" font-size="10" text-anchor="end" '
-                       f'fill="{color}">{dash_name[i % 3]}: {e(_repo_short(url))}</text>')
+                       f'fill="{color}">{dash_name[i % 3]}: {e(repo_short(url))}</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -248,7 +356,7 @@ def _row(a: Audit, n: Node, changes: str) -> str:
     return (f'<tr><td>{e(nm.name)}</td><td><span class="rel" style="background:{fill}">{e(nm.lineage.relation)}'
             f"</span></td><td>{nm.progress.global_step}</td><td>{e(nm.created_at.strftime('%Y-%m-%d %H:%M:%S'))}"
             f"</td><td>{e(metrics)}</td><td>{e(changes)}</td><td>{_badge(a, n)}</td><td><code>{nm.id[:12]}</code>"
-            f"</td><td>{e(_repo_short(n.url))}</td></tr>")  # fmt: skip
+            f"</td><td>{e(repo_short(n.url))}</td></tr>")  # fmt: skip
 
 
 def _history_rows(a: Audit, changes: Any, fold: int) -> str:
@@ -283,7 +391,6 @@ def page(a: Audit, fold: int = FOLD) -> str:
                  f"{e(render(a.history, 'text'))}</pre>")  # fmt: skip
     else:
         graph = f'<div class="graph">{svg}</div>'
-    legend = " ".join(f'<span class="rel" style="background:{c}">{k}</span>' for k, c in RELATION_COLORS.items())
     seg_rows = []
     for i, (head, members) in enumerate(segments(a), start=1):
         last = (members or [head])[-1]
@@ -292,9 +399,9 @@ def page(a: Audit, fold: int = FOLD) -> str:
                          if d.fingerprint else "") for d in last.manifest.data) or "none recorded"  # fmt: skip
         parents = ", ".join(p.name or p.id[:12] for p in head.manifest.lineage.parents) or "-"
         seg_rows.append(f"<tr><td>{i}</td><td>{e(head.manifest.lineage.relation)} from {e(parents)}</td>"
-                        f"<td>{e(_repo_short(head.url))}</td><td>{lo}..{hi}</td><td>{1 + len(members)}</td>"
+                        f"<td>{e(repo_short(head.url))}</td><td>{lo}..{hi}</td><td>{1 + len(members)}</td>"
                         f"<td>{e(data)}</td></tr>")  # fmt: skip
-    charts = "".join(_chart(k, pts, _PALETTE[i % len(_PALETTE)]) for i, (k, pts) in enumerate(a.steps.items()))
+    charts = "".join(chart(k, pts, PALETTE[i % len(PALETTE)]) for i, (k, pts) in enumerate(a.steps.items()))
     data_rows = "".join(f"<tr><td>{e(d.name)}</td><td>{e(d.uri or '')}</td><td><code>{e(d.fingerprint or '')}</code>"
                         f"</td><td>{d.size if d.size is not None else ''}</td><td>{d.samples_consumed}</td>"
                         f"<td>{e(where)}</td></tr>" for where, d in a.data())  # fmt: skip
@@ -303,20 +410,14 @@ def page(a: Audit, fold: int = FOLD) -> str:
     problems = "".join(f"<li>{e(w)}: {e(p)}</li>" for w, ps in a.integrity.problems.items() for p in ps)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Audit of {e(m.name)}</title>
-<style>
-body {{ font-family: Helvetica, Arial, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; margin: .5em 0 1.5em; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; }}
-th {{ background: #f0f0f0; }} .ok {{ color: #1a7f37; font-weight: bold; }} .bad {{ color: #b00020; font-weight: bold; }}
-code {{ font-size: 90%; }} .badge, .rel {{ padding: 1px 6px; border-radius: 4px; border: 1px solid #9ca3af; }}
-tr.folded td {{ background: #fafafa; }} details summary {{ cursor: pointer; }} .graph svg {{ max-width: 100%; }}
-</style></head><body>
+<style>{PAGE_CSS}</style></head><body>
 <h1>Audit of {e(m.name)}</h1>
 <p>Repository <code>{e(a.url)}</code>, checkpoint id <code>{e(m.id)}</code>, step {m.progress.global_step},
 epoch {m.progress.epoch}, {m.progress.samples_seen} samples seen.</p>
 <p>Integrity: <span class="{'ok' if ok else 'bad'}">{'verified' if ok else 'PROBLEMS FOUND'}</span>
 ({a.integrity.checked} checkpoints in the chain checked: manifests against their ids, objects against their hashes)</p>
 {'<ul>' + problems + '</ul>' if problems else ''}
-<h2>Lineage</h2><p>{legend}</p>{graph}
+<h2>Lineage</h2><p>{legend()}</p>{graph}
 <h2>Training segments</h2><table><tr><th>#</th><th>started by</th><th>repository</th><th>steps</th>
 <th>checkpoints</th><th>data (samples consumed)</th></tr>{''.join(seg_rows)}</table>
 <h2>Metrics against global step</h2>{charts or '<p>No metrics recorded.</p>'}
