@@ -38,6 +38,7 @@ __all__ = [
     "current_revision",
     "default_path",
     "insert",
+    "mark",
     "open_engine",
     "resolve_url",
     "retrying",
@@ -181,6 +182,22 @@ def insert(conn: Connection, table: Table) -> Any:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
+_MARKS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+
+
+def mark(conn: Connection) -> str:
+    """The driver's positional parameter mark (``?`` for sqlite3, ``%s`` for psycopg), for statements sent as text.
+
+    Raises:
+        InvalidArgumentError: a driver with another parameter style (the catalog runs on SQLite and PostgreSQL).
+    """
+    style = conn.dialect.paramstyle
+    if style not in _MARKS:
+        raise InvalidArgumentError(f"the catalog's database driver uses parameter style {style!r}; ckptkit supports "
+                                   "sqlite3 and psycopg 3 (sqlite:/// and postgresql:// URLs)")  # fmt: skip
+    return _MARKS[style]
+
+
 def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *,
                 update: Sequence[str] = ()) -> None:  # fmt: skip
     """Insert ``rows`` (dicts of the same keys) with one ``executemany``: a row whose primary key is there is
@@ -195,8 +212,7 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
         return
     keys = list(rows[0])
     dialect = conn.dialect
-    mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
-    if mark is None:  # another driver: let SQLAlchemy bind
+    if dialect.paramstyle not in _MARKS:  # another driver: let SQLAlchemy bind
         stmt = insert(conn, table)
         if update:
             conn.execute(stmt.on_conflict_do_update(index_elements=[c.name for c in table.primary_key],
@@ -209,7 +225,7 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     action = ("DO UPDATE SET " + ", ".join(f"{prep.quote(k)} = excluded.{prep.quote(k)}" for k in update)
               if update else "DO NOTHING")  # fmt: skip
     sql = (f"INSERT INTO {prep.format_table(table)} ({', '.join(prep.quote(k) for k in keys)}) "
-           f"VALUES ({', '.join([mark] * len(keys))}) ON CONFLICT ({pk}) {action}")  # fmt: skip
+           f"VALUES ({', '.join([mark(conn)] * len(keys))}) ON CONFLICT ({pk}) {action}")  # fmt: skip
     get = itemgetter(*keys)
     data = [get(r) for r in rows] if len(keys) > 1 else [(get(r),) for r in rows]
     for i, k in enumerate(keys):

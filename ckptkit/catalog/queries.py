@@ -15,6 +15,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, Select, and_, exists, func, literal, or_, select
 
 from ckptkit.catalog import tables as t
+from ckptkit.catalog.database import mark
 from ckptkit.catalog.tensors import TensorHash
 from ckptkit.errors import CheckpointNotFoundError, InvalidArgumentError
 from ckptkit.schema import canonical_json
@@ -38,7 +39,6 @@ WEIGHT_RELATIONS = ("train", "resume", "continue", "transfer", "import")
 """Edges along which weights flow from a parent into its child (every relation but ``init``, which has no parent):
 what :func:`where_data` follows from a checkpoint that saw the data to the checkpoints trained from it."""
 _STATUS_ORDER = {s: i for i, s in enumerate(t.STATUSES)}
-_SUMMARY = [c for c in t.checkpoints.c if c.name != "manifest"]  # what a record shows: not the manifest's bytes
 _CHUNK = 500
 
 
@@ -113,47 +113,65 @@ def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
 
 def records(conn: Connection, ids: Sequence[str], *, repo_id: int | None = None,
             depth: Mapping[str, int] | None = None) -> list[CheckpointRecord]:  # fmt: skip
-    """The records of ``ids``, in that order (ids not in the catalog are left out)."""
+    """The records of ``ids``, in that order (ids not in the catalog are left out).
+
+    Three statements per :data:`_CHUNK` ids (the checkpoints, their locations, and one ``UNION ALL`` of their
+    metrics, hyperparameters, data and parents), sent as text with the rows read as plain tuples: on PostgreSQL
+    each statement is a round trip, and on both building SQLAlchemy rows cost more than the database's work.
+    """
     ids = list(dict.fromkeys(ids))
-    base: dict[str, Any] = {}  # id -> its checkpoints row
+    base: dict[str, Any] = {}  # id -> (id, name, relation, created_at, epoch, global_step, samples_seen, size)
     locs: dict[str, list[tuple[int, Location]]] = {}
     mets: dict[str, dict[str, float | None]] = {}
     hps: dict[str, dict[str, Any]] = {}
-    data: dict[str, list[str]] = {}
-    pars: dict[str, list[tuple[str, str]]] = {}
+    data: dict[str, list[tuple[int, str]]] = {}
+    pars: dict[str, list[tuple[int, tuple[str, str]]]] = {}
     for batch in _chunks(ids):
-        for crow in conn.execute(select(*_SUMMARY).where(t.checkpoints.c.id.in_(batch))):
-            base[crow.id] = crow
-        q = (select(t.locations, t.repositories.c.url)
-             .join(t.repositories, t.repositories.c.id == t.locations.c.repository_id)
-             .where(t.locations.c.checkpoint_id.in_(batch)))  # fmt: skip
-        for row in conn.execute(q):
-            locs.setdefault(row.checkpoint_id, []).append(
-                (row.repository_id, Location(row.url, row.name, row.status, row.objects_missing)))
-        for row in conn.execute(select(t.metrics).where(t.metrics.c.checkpoint_id.in_(batch))):
-            mets.setdefault(row.checkpoint_id, {})[row.name] = row.value
-        for row in conn.execute(select(t.hparams).where(t.hparams.c.checkpoint_id.in_(batch))):
-            hps.setdefault(row.checkpoint_id, {})[row.key] = json.loads(row.value)
-        for row in conn.execute(select(t.data_segments).where(t.data_segments.c.checkpoint_id.in_(batch))
-                                .order_by(t.data_segments.c.position)):  # fmt: skip
-            data.setdefault(row.checkpoint_id, []).append(row.name)
-        for row in conn.execute(select(t.parents).where(t.parents.c.child_id.in_(batch))
-                                .order_by(t.parents.c.position)):  # fmt: skip
-            pars.setdefault(row.child_id, []).append((row.parent_id, row.relation))
+        args = tuple(batch)
+        within = f"IN ({', '.join([mark(conn)] * len(batch))})"
+        for crow in conn.exec_driver_sql(
+                "SELECT id, name, relation, created_at, epoch, global_step, samples_seen, size "
+                f"FROM {t.checkpoints.name} WHERE id {within}", args):  # fmt: skip
+            base[crow[0]] = crow
+        for cid, rid, url, name, status, missing in conn.exec_driver_sql(
+                "SELECT l.checkpoint_id, l.repository_id, r.url, l.name, l.status, l.objects_missing "
+                f"FROM {t.locations.name} l JOIN {t.repositories.name} r ON r.id = l.repository_id "
+                f"WHERE l.checkpoint_id {within}", args):  # fmt: skip
+            locs.setdefault(cid, []).append((rid, Location(url, name, status, missing)))
+        no_text, no_real = "CAST(NULL AS TEXT)", "CAST(NULL AS DOUBLE PRECISION)"
+        rest = (f'SELECT 0, checkpoint_id, name, {no_text}, value, 0 FROM {t.metrics.name} '
+                f"WHERE checkpoint_id {within} "
+                f'UNION ALL SELECT 1, checkpoint_id, "key", "value", {no_real}, 0 FROM {t.hparams.name} '
+                f"WHERE checkpoint_id {within} "
+                f'UNION ALL SELECT 2, checkpoint_id, name, {no_text}, {no_real}, "position" FROM '
+                f"{t.data_segments.name} WHERE checkpoint_id {within} "
+                f'UNION ALL SELECT 3, child_id, parent_id, relation, {no_real}, "position" FROM {t.parents.name} '
+                f"WHERE child_id {within}")  # fmt: skip
+        for kind, cid, a, b, value, pos in conn.exec_driver_sql(rest, args * 4):
+            if kind == 0:
+                mets.setdefault(cid, {})[a] = value
+            elif kind == 1:
+                hps.setdefault(cid, {})[a] = json.loads(b)
+            elif kind == 2:
+                data.setdefault(cid, []).append((pos, a))
+            else:
+                pars.setdefault(cid, []).append((pos, (a, b)))
     out = []
     for cid in ids:
         if cid not in base:
             continue
-        row = base[cid]
+        _, name, relation, created, epoch, step, seen, size = base[cid]
         ordered = sorted(locs.get(cid, []), key=lambda rl: (rl[0] != repo_id, _STATUS_ORDER.get(rl[1].status, 9),
                                                              rl[1].repo))  # fmt: skip
-        first = ordered[0][1] if ordered else Location("", row.name, "removed")
+        first = ordered[0][1] if ordered else Location("", name, "removed")
+        if isinstance(created, str):  # SQLite keeps it as text (UTC, without offset)
+            created = datetime.fromisoformat(created)
         out.append(CheckpointRecord(
-            id=cid, name=first.name, repo=first.repo, status=first.status, relation=row.relation,
-            created_at=row.created_at.replace(tzinfo=timezone.utc), epoch=row.epoch, global_step=row.global_step,
-            samples_seen=row.samples_seen, size=row.size, metrics=mets.get(cid, {}), hparams=hps.get(cid, {}),
-            data=data.get(cid, []), parents=pars.get(cid, []), locations=tuple(loc for _, loc in ordered),
-            depth=None if depth is None else depth.get(cid)))  # fmt: skip
+            id=cid, name=first.name, repo=first.repo, status=first.status, relation=relation,
+            created_at=created.replace(tzinfo=timezone.utc), epoch=epoch, global_step=step, samples_seen=seen,
+            size=size, metrics=mets.get(cid, {}), hparams=hps.get(cid, {}),
+            data=[n for _, n in sorted(data.get(cid, []))], parents=[p for _, p in sorted(pars.get(cid, []))],
+            locations=tuple(loc for _, loc in ordered), depth=None if depth is None else depth.get(cid)))  # fmt: skip
     return out
 
 
