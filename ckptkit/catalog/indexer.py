@@ -369,8 +369,8 @@ def index_repository(engine: Engine, url: RepoLike, storage_options: dict[str, A
             for mid, (name, _s) in here.items():
                 if mid not in status:
                     status[mid] = (name, "removed")
-            # every location was seen now; only those whose name or status changed are written one by one
-            conn.execute(update(t.locations).where(t.locations.c.repository_id == rid).values(seen_at=now))
+            # only the locations whose name or status changed are written (seen_at: when that happened); that
+            # all the others were confirmed now is the repository's synced_at, one row
             changed = [{"repository_id": rid, "checkpoint_id": mid, "name": name, "status": st, "objects_missing": 0,
                         "seen_at": now} for mid, (name, st) in sorted(status.items()) if here.get(mid) != (name, st)]
             bulk_insert(conn, t.locations, changed, update=("name", "status", "seen_at"))

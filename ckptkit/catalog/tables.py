@@ -60,7 +60,7 @@ repositories = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("url", String(2048), nullable=False, unique=True),
     Column("added_at", DateTime, nullable=False),
-    Column("synced_at", DateTime, nullable=True),
+    Column("synced_at", DateTime, nullable=True),  # its last sync: every location it did not change was there
 )
 
 checkpoints = Table(
@@ -89,7 +89,7 @@ locations = Table(
     Column("name", String(128), nullable=False),
     Column("status", String(16), nullable=False),
     Column("objects_missing", Integer, nullable=False, default=0),
-    Column("seen_at", DateTime, nullable=False),
+    Column("seen_at", DateTime, nullable=False),  # when a sync last set its name or status (see synced_at)
     Index("ix_locations_checkpoint", "checkpoint_id"),
 )
 
