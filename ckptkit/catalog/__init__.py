@@ -16,17 +16,21 @@ Example::
     [r.name for r in cat.where_data("imagenet-train")]
 """
 
-try:
-    import sqlalchemy  # noqa: F401
-except ImportError as _err:  # the catalog is an extra
-    from ckptkit.errors import MissingDependencyError
-
-    raise MissingDependencyError(f"the catalog needs SQLAlchemy and alembic ({_err}): pip install 'ckptkit[catalog]' "
-                                 "('ckptkit[postgres]' for PostgreSQL)") from _err
-
-from ckptkit.catalog.catalog import Catalog
-from ckptkit.catalog.database import SCHEMA_REVISION
-from ckptkit.catalog.indexer import IndexReport
-from ckptkit.catalog.queries import CheckpointRecord, FindMatch, Location
+import importlib.util as _util
 
 __all__ = ["SCHEMA_REVISION", "Catalog", "CheckpointRecord", "FindMatch", "IndexReport", "Location"]
+
+if _util.find_spec("sqlalchemy") is not None:
+    from ckptkit.catalog.catalog import Catalog
+    from ckptkit.catalog.database import SCHEMA_REVISION
+    from ckptkit.catalog.indexer import IndexReport
+    from ckptkit.catalog.queries import CheckpointRecord, FindMatch, Location
+else:  # the catalog is an extra; ckptkit.catalog.mlflow (a manager's mlflow=) needs only the MLflow client
+
+    def __getattr__(name: str) -> object:
+        if name in __all__:
+            from ckptkit.errors import MissingDependencyError
+
+            raise MissingDependencyError("the catalog needs SQLAlchemy and alembic: pip install 'ckptkit[catalog]' "
+                                         "('ckptkit[postgres]' for PostgreSQL)")  # fmt: skip
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -509,6 +509,7 @@ def demo_cmd(url: str, steps: int) -> None:
     sys.exit(run_demo(url, steps))
 
 
+from ckptkit.cli import catalog_publish as _catalog_publish  # noqa: E402,F401  (registers `catalog publish`)
 from ckptkit.cli.catalog import catalog as catalog_group  # noqa: E402
 
 main.add_command(catalog_group)

@@ -78,6 +78,7 @@ from ckptkit.state import LoadReport, capture, check_targets, is_data_loader
 from ckptkit.state.files import check_optimizer_file, prepare_model_tensors, read_tensor_file, read_torch_file
 
 if TYPE_CHECKING:
+    from ckptkit.catalog.mlflow import MlflowCommitPublisher
     from ckptkit.catalog.publish import CommitIndexer
 
 __all__ = ["CheckpointManager"]
@@ -120,6 +121,12 @@ class CheckpointManager:
             fails because of it (while it is unreachable, checkpoints wait in a bounded queue; what is left at
             :meth:`close` is logged and indexed by the next ``ckptkit catalog sync``). Needs
             ``ckptkit[catalog]``.
+        mlflow: an MLflow 3 tracking server's URI (``http://host:5000``) to publish each checkpoint to as it is
+            committed, as a logged model with its step, metrics, data and parent link (see docs/catalog.md), by a
+            background thread that never fails or slows a save (while the server is unreachable, checkpoints wait
+            in a bounded queue; what is left at :meth:`close` is logged with the commands that publish it).
+            Needs ``ckptkit[mlflow]``.
+        mlflow_experiment: the MLflow experiment to publish to (created when missing; default ``"ckptkit"``).
     """
 
     def __init__(
@@ -139,6 +146,8 @@ class CheckpointManager:
         async_save: bool = False,
         writer_nice: int = 10,
         catalog: str | None = None,
+        mlflow: str | None = None,
+        mlflow_experiment: str | None = None,
     ) -> None:
         check_targets(state)
         if not isinstance(writer_nice, int) or isinstance(writer_nice, bool) or not 0 <= writer_nice <= 19:
@@ -186,6 +195,14 @@ class CheckpointManager:
             from ckptkit.catalog.publish import CommitIndexer
 
             self._catalog = CommitIndexer(catalog, self.repo)
+        self._mlflow: MlflowCommitPublisher | None = None
+        if mlflow_experiment is not None and mlflow is None:
+            raise InvalidArgumentError(f"mlflow_experiment={mlflow_experiment!r} without mlflow=URI: pass the "
+                                       "tracking server too, e.g. mlflow='http://127.0.0.1:5000'")  # fmt: skip
+        if mlflow is not None:  # imported here: a manager without mlflow= never imports the MLflow client
+            from ckptkit.catalog.mlflow import DEFAULT_EXPERIMENT, MlflowCommitPublisher
+
+            self._mlflow = MlflowCommitPublisher(mlflow, self.repo, experiment=mlflow_experiment or DEFAULT_EXPERIMENT)
 
     # --- reading -------------------------------------------------------------------------------------------
 
@@ -503,6 +520,8 @@ class CheckpointManager:
         retired = self.prune() if self.retention is not None else []
         if self._catalog is not None:
             self._catalog.submit(manifest, retired=retired)  # returns at once; indexed in the background
+        if self._mlflow is not None:
+            self._mlflow.submit(manifest)  # returns at once; published in the background
         return manifest
 
     def wait(self) -> Manifest | None:
@@ -590,6 +609,8 @@ class CheckpointManager:
                 self._writer = None
             if self._catalog is not None:
                 self._catalog.close()  # indexes what is queued (10 s at most), logs what it leaves to sync
+            if self._mlflow is not None:
+                self._mlflow.close()  # publishes what is queued (10 s at most), logs what it leaves
             track(self, live=False)
 
     def __del__(self) -> None:
