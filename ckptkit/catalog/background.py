@@ -14,6 +14,7 @@ This module imports neither SQLAlchemy nor MLflow: a subclass brings what its se
 
 from __future__ import annotations
 
+import abc
 import atexit
 import logging
 import threading
@@ -35,7 +36,7 @@ _MAX_WAIT = 30.0
 _LIVE: weakref.WeakSet[CommitQueue] = weakref.WeakSet()
 
 
-class CommitQueue:
+class CommitQueue(abc.ABC):
     """A bounded queue of manifests committed to one repository, delivered to a service by a daemon thread.
 
     Subclasses implement :meth:`_deliver` (and :meth:`_dispose` when they hold connections) and say, for the log
@@ -83,20 +84,20 @@ class CommitQueue:
 
     # --- what a subclass says --------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _target(self) -> str:
         """The service, as log messages name it (``catalog sqlite:///...``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _remedy(self) -> str:
         """The command that delivers what was left behind, as a subject: ``'`ckptkit catalog add R` indexes'``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _deliver(self, manifest: Manifest, retired: tuple[str, ...]) -> str | None:
         """Deliver one manifest: None when done (count it with :meth:`_done`) or refused (:meth:`_refused`), else
         why the service cannot be reached (the entry stays queued and is tried again). Runs in the thread."""
-        raise NotImplementedError
 
-    def _dispose(self) -> None:
+    def _dispose(self) -> None:  # noqa: B027 - a hook: most services hold nothing to release
         """Release connections once the thread is done."""
 
     # --- the queue -------------------------------------------------------------------------------------
