@@ -28,9 +28,26 @@ bench/save_load.py (an fp32 MLP + its AdamW moments of about ``--size-mib``):
   over the median alone. The same pair is also run with ``torch.set_num_threads(1)`` (training on one core,
   leaving the other to the writer) and reported as ``step_slowdown_during_save_threads1``.
 
+* sync: ``mgr.save(step)`` of a second manager with ``async_save=False`` and the same repository options
+  (``Retention(keep_last=1)``, ``rng=False``), also after a training step of the big model: what a synchronous
+  ckptkit save costs the training loop (it is blocked for all of it).
+* ``async_lost_vs_sync``: the training time an async save costs, divided by that synchronous save's time
+  (medians over the timed rounds, both measured in the same run, interleaved). The training time lost per
+  async save is ``block + (sum(steps during) - len(steps during) * median(steps before))``: the time
+  ``mgr.save`` blocks, plus how much longer the training steps run while the save is in the background took
+  than the same number of steps with no save running. The steps before are ``--steps`` training steps run
+  right before that save (nothing in flight, same conditions), so a machine whose load drifts from round to
+  round shifts both alike. A save that commits before the first step ends still counts that step.
+* Two scenarios, one after the other: quiet (nothing else started by the benchmark), then loaded: one
+  competing CPU-bound process (a pure-Python busy loop, nice 0, started before the scenario and killed after
+  it) runs throughout, for the steps before, the steps during and the synchronous saves alike.
+  ``async_lost_vs_sync_loaded`` is the same ratio measured there. Targets: <= 0.5 quiet, <= 1.0 loaded.
+
 Rounds are interleaved (each round runs every method once, the starting method rotating from round to round)
 and the median of the timed rounds is reported, after one untimed warm-up round. During the "during" windows
-the process's CPU time (user + system, all threads) is recorded, so the table also says how busy both cores were.
+the CPU time of this process (user + system, all threads) and of the writer process (``writer="process"``) is
+recorded, so the table also says how busy both cores were. A full run at the default size should take about 5
+minutes on 2 cores (an estimate: most of it is the background saves, which commit slowly at low priority).
 """
 
 from __future__ import annotations
@@ -42,9 +59,10 @@ import math
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +95,10 @@ TARGETS: Targets = {
     "async_block_vs_copy": ("<=", 1.5),
     "async_block_vs_sync": ("<=", 0.15),
     "step_slowdown_during_save": ("<=", 1.3),
+    "async_lost_vs_sync": ("<=", 0.5),
+    "async_lost_vs_sync_loaded": ("<=", 1.0),
 }
+COMPETITOR = "while True: pass"  # the loaded scenario's competing CPU-bound process (one core's worth)
 ALLOWANCE_S = 0.050  # capture + bookkeeping allowed on top of the bare copy
 STEP_WIDTH, STEP_LAYERS, STEP_BATCH = 1024, 4, 256  # the small training model: 4.2 M parameters
 
@@ -120,16 +141,84 @@ class Trainer:
 
 @dataclass
 class Window:
-    """One background save seen from the training loop: its steps, its length and the CPU used meanwhile."""
+    """One background save seen from the training loop: the steps run right before it (nothing in flight), how
+    long ``save`` blocked, the steps run while it was written, its length and the CPU used meanwhile."""
 
+    before: list[float]
+    block_s: float
     steps: list[float]
     background_s: float
     loop_s: float
     cpu_s: float
 
+    @property
+    def lost_s(self) -> float:
+        """Training time this save cost: the blocking time, plus how much longer the steps during it took than
+        as many steps before it (an excess below zero is noise, counted as none)."""
+        excess = sum(self.steps) - len(self.steps) * statistics.median(self.before)
+        return self.block_s + max(0.0, excess)
+
+
+@contextlib.contextmanager
+def competitor(start: bool) -> Iterator[int | None]:
+    """A competing CPU-bound process (a pure-Python busy loop) for the block, killed after it; its pid."""
+    if not start:
+        yield None
+        return
+    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR], stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # running (and its interpreter started) before the scenario's first step
+        if proc.poll() is not None:
+            raise RuntimeError(f"the competing process exited at once (status {proc.returncode})")
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def writer_cpu_seconds(mgr: ckptkit.CheckpointManager) -> float:
+    """CPU seconds used so far by the manager's writer process (0 for a writer thread: counted in this
+    process's own CPU time)."""
+    pid = getattr(mgr._writer, "pid", None)
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
+
+
+SERIES = [
+    ("copy", "dst.copy_(src), every tensor"),
+    ("torch_save", "torch.save + fsync (sync save)"),
+    ("sync", "ckptkit save, async_save=False (blocks)"),
+    ("first_block", "async save() #1 blocks (allocates buffers)"),
+    ("block", "async save() #2+ blocks (buffers reused)"),
+    ("lost", "async save: training time lost per save"),
+    ("block_threads1", "async save() #2+ blocks, torch threads=1"),
+    ("background", "async save: save() return -> committed"),
+    ("step_alone", "train step, no save running"),
+    ("step_during", "train step, during a background save"),
+    ("step_alone_t1", "train step, no save, torch threads=1"),
+    ("step_during_t1", "train step, during a save, threads=1"),
+    ("sync_loaded", "loaded: ckptkit save, async_save=False"),
+    ("block_loaded", "loaded: async save() blocks"),
+    ("lost_loaded", "loaded: async, training time lost per save"),
+    ("background_loaded", "loaded: async save() return -> committed"),
+    ("step_alone_loaded", "loaded: train step, no save running"),
+    ("step_during_loaded", "loaded: train step, during a save"),
+]
+
 
 def measure(
-    tmp: str, size_mib: int, runs: int, warmup: int, n_steps: int, nice: int | None
+    tmp: str,
+    size_mib: int,
+    runs: int,
+    warmup: int,
+    n_steps: int,
+    options: dict[str, Any],
+    compare: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Series], dict[str, Any]]:
     model, opt, width = build_state(size_mib * MiB)
     tensors = list(flat_tensors(model, opt).values())
@@ -144,64 +233,64 @@ def measure(
     dsts = [torch.empty_like(t) for t in tensors]
     for d, t in zip(dsts, tensors, strict=True):
         d.copy_(t)  # touch every page once: the timed copies measure bandwidth, not page faults
-    niceness = {} if nice is None else {"writer_nice": nice}
-    mgr = ckptkit.CheckpointManager(os.path.join(tmp, "async-repo"), {"model": model, "optimizer": opt},
-                                    async_save=True, rng=False, retention=ckptkit.Retention(keep_last=1),
-                                    **niceness)  # fmt: skip
+    state = {"model": model, "optimizer": opt}
+    common: dict[str, Any] = {"rng": False, "retention": ckptkit.Retention(keep_last=1)}
+    mgr = ckptkit.CheckpointManager(os.path.join(tmp, "async-repo"), state, async_save=True, **common, **options)
+    sync_mgr = ckptkit.CheckpointManager(os.path.join(tmp, "sync-repo"), state, async_save=False, **common)
+    others = {spec: ckptkit.CheckpointManager(os.path.join(tmp, f"compare-{i}"), state, async_save=True, **common,
+                                              **opts)
+              for i, (spec, opts) in enumerate((compare or {}).items())}  # fmt: skip
+    other_windows: dict[str, dict[str, list[Window]]] = {spec: {"quiet": [], "loaded": []} for spec in others}
     step_no = 0
 
-    s = {k: Series(k, label) for k, label in [
-        ("copy", "dst.copy_(src), every tensor"),
-        ("torch_save", "torch.save + fsync (sync save)"),
-        ("first_block", "async save() #1 blocks (allocates buffers)"),
-        ("block", "async save() #2+ blocks (buffers reused)"),
-        ("block_threads1", "async save() #2+ blocks, torch threads=1"),
-        ("background", "async save: save() return -> committed"),
-        ("step_alone", "train step, no save running"),
-        ("step_during", "train step, during a background save"),
-        ("step_alone_t1", "train step, no save, torch threads=1"),
-        ("step_during_t1", "train step, during a save, threads=1"),
-    ]}  # fmt: skip
-    windows: dict[str, list[Window]] = {"default": [], "threads1": []}
-
-    def async_save(threads: int | None) -> tuple[float, Window]:
-        nonlocal step_no
-        mgr.wait()  # the previous save (already committed: every window waits for its save)
-        train_step_big()  # every object changes, so the save writes the whole state
-        step_no += 1
-        gc.collect()
-        with torch_threads(threads):
-            t0 = time.perf_counter()
-            mgr.save(step_no, force=True)
-            t1 = time.perf_counter()
-            c0 = cpu_seconds()
-            inflight = mgr._inflight
-            steps = [trainer.step()]  # at least one step per save
-            while inflight is not None and not inflight.done():
-                steps.append(trainer.step())
-            c1, t2 = cpu_seconds(), time.perf_counter()
-            mgr.wait()
-            t3 = time.perf_counter()
-        return t1 - t0, Window(steps, t3 - t1, t2 - t1, c1 - c0)
+    s = {k: Series(k, label) for k, label in SERIES}
+    windows: dict[str, list[Window]] = {"default": [], "threads1": [], "loaded": []}
 
     def train_step_big() -> None:
         opt.zero_grad(set_to_none=True)
         model(torch.randn(8, width)).pow(2).mean().backward()
         opt.step()
 
+    def async_save(threads: int | None, mgr: ckptkit.CheckpointManager = mgr) -> Window:
+        nonlocal step_no
+        mgr.wait()  # the previous save (already committed: every window waits for its save)
+        train_step_big()  # every object changes, so the save writes the whole state
+        step_no += 1
+        gc.collect()
+        with torch_threads(threads):
+            before = [trainer.step() for _ in range(n_steps)]
+            t0 = time.perf_counter()
+            mgr.save(step_no, force=True)
+            t1 = time.perf_counter()
+            c0 = cpu_seconds() + writer_cpu_seconds(mgr)
+            inflight = mgr._inflight
+            steps = [trainer.step()]  # at least one step per save
+            while inflight is not None and not inflight.done():
+                steps.append(trainer.step())
+            c1, t2 = cpu_seconds() + writer_cpu_seconds(mgr), time.perf_counter()
+            mgr.wait()
+            t3 = time.perf_counter()
+        return Window(before, t1 - t0, steps, t3 - t1, t2 - t1, c1 - c0)
+
+    for other in others.values():
+        async_save(None, other)  # their first save (buffers allocated, a writer process started), untimed
     # The first save of the manager: buffers are allocated (and their pages faulted in) here, once.
-    block, win = async_save(None)
-    s["first_block"].times.append(block)
+    win = async_save(None)
+    s["first_block"].times.append(win.block_s)
     s["first_block"].nbytes = total
-    log(f"first async save blocked {block:.3f} s; committed {win.background_s:.2f} s later")
+    log(f"first async save blocked {win.block_s:.3f} s; committed {win.background_s:.2f} s later")
+
+    def record(key: str, dt: float) -> None:
+        s[key].times.append(dt)
+        if not key.startswith(("step", "lost")):
+            s[key].nbytes = total
 
     def run_copy(timed: bool) -> None:
         t0 = time.perf_counter()
         for d, src in zip(dsts, tensors, strict=True):
             d.copy_(src)
         if timed:
-            s["copy"].times.append(time.perf_counter() - t0)
-            s["copy"].nbytes = total
+            record("copy", time.perf_counter() - t0)
 
     def run_torch_save(timed: bool) -> None:
         path = os.path.join(tmp, f"torch-{step_no}.pt")
@@ -217,49 +306,93 @@ def measure(
             s["torch_save"].times.append(dt)
             s["torch_save"].nbytes = n
 
-    def run_async(timed: bool) -> None:
-        block, win = async_save(None)
-        if timed:
-            s["block"].times.append(block)
-            s["block"].nbytes = total
-            s["background"].times.append(win.background_s)
-            s["background"].nbytes = total
-            s["step_during"].times.extend(win.steps)
-            windows["default"].append(win)
+    def sync_save(key: str) -> Callable[[bool], None]:
+        def run(timed: bool) -> None:
+            nonlocal step_no
+            train_step_big()  # every object changes, as for the async saves
+            step_no += 1
+            gc.collect()
+            t0 = time.perf_counter()
+            sync_mgr.save(step_no, force=True)
+            if timed:
+                record(key, time.perf_counter() - t0)
 
-    def run_async_t1(timed: bool) -> None:
-        block, win = async_save(1)
-        if timed:
-            s["block_threads1"].times.append(block)
-            s["block_threads1"].nbytes = total
-            s["step_during_t1"].times.extend(win.steps)
-            windows["threads1"].append(win)
+        return run
 
-    def run_alone(timed: bool) -> None:
-        steps = [trainer.step() for _ in range(n_steps)]
-        if timed:
-            s["step_alone"].times.extend(steps)
+    def async_run(threads: int | None, window: str, keys: dict[str, str]) -> Callable[[bool], None]:
+        def run(timed: bool) -> None:
+            win = async_save(threads)
+            if timed:
+                windows[window].append(win)
+                for what, key in keys.items():
+                    if what == "steps":
+                        s[key].times.extend(win.steps)
+                    elif what == "before":
+                        s[key].times.extend(win.before)
+                    else:
+                        record(key, {"block": win.block_s, "lost": win.lost_s, "background": win.background_s}[what])
 
-    def run_alone_t1(timed: bool) -> None:
-        with torch_threads(1):
-            steps = [trainer.step() for _ in range(n_steps)]
-        if timed:
-            s["step_alone_t1"].times.extend(steps)
+        return run
 
-    methods: list[Callable[[bool], None]] = [run_copy, run_torch_save, run_async, run_alone, run_async_t1,
-                                             run_alone_t1]  # fmt: skip
-    interleaved_rounds(methods, runs, warmup)
+    def alone(key: str, threads: int | None) -> Callable[[bool], None]:
+        def run(timed: bool) -> None:
+            with torch_threads(threads):
+                steps = [trainer.step() for _ in range(n_steps)]
+            if timed:
+                s[key].times.extend(steps)
+
+        return run
+
+    def other_run(spec: str, scenario: str) -> Callable[[bool], None]:
+        def run(timed: bool) -> None:
+            win = async_save(None, others[spec])
+            if timed:
+                other_windows[spec][scenario].append(win)
+
+        return run
+
+    quiet: list[Callable[[bool], None]] = [
+        run_copy, run_torch_save, sync_save("sync"),
+        async_run(None, "default", {"block": "block", "lost": "lost", "background": "background",
+                                    "steps": "step_during"}),
+        alone("step_alone", None),
+        async_run(1, "threads1", {"block": "block_threads1", "steps": "step_during_t1"}),
+        alone("step_alone_t1", 1),
+    ]  # fmt: skip
+    loaded: list[Callable[[bool], None]] = [
+        sync_save("sync_loaded"),
+        async_run(None, "loaded", {"block": "block_loaded", "lost": "lost_loaded", "background": "background_loaded",
+                                   "steps": "step_during_loaded", "before": "step_alone_loaded"}),
+    ]  # fmt: skip
+    quiet += [other_run(spec, "quiet") for spec in others]
+    loaded += [other_run(spec, "loaded") for spec in others]
+    t_quiet = time.perf_counter()
+    log("quiet scenario")
+    interleaved_rounds(quiet, runs, warmup)
+    t_loaded = time.perf_counter()
+    with competitor(True) as pid:
+        log(f"loaded scenario: competing CPU-bound process {pid}")
+        interleaved_rounds(loaded, runs, warmup)
+    t_end = time.perf_counter()
     mgr.close()
+    sync_mgr.close()
+    for other in others.values():
+        other.close()
 
-    def window_info(ws: list[Window], alone: Series) -> dict[str, Any]:
+    def window_info(ws: list[Window], alone: Series | None) -> dict[str, Any]:
         wall = sum(w.loop_s for w in ws)
         cpu = sum(w.cpu_s for w in ws)
         # Training time a save costs: the steps run during it, less what they take with no save running.
-        lost = [sum(w.steps) - len(w.steps) * alone.median for w in ws]
+        if alone is not None:  # the scenario's median step with no save running (the table's "alone" row)
+            lost = [sum(w.steps) - len(w.steps) * alone.median for w in ws]
+        else:
+            lost = [w.lost_s - w.block_s for w in ws]
         return {
             "saves": len(ws),
             "steps_during": [len(w.steps) for w in ws],
             "background_s": [w.background_s for w in ws],
+            "block_s": [w.block_s for w in ws],
+            "lost_s": [w.lost_s for w in ws],  # block + steps' excess over the steps right before the save
             "train_time_lost_per_save_s": statistics.median(lost) if lost else math.nan,
             "process_cpu_cores_busy": cpu / wall if wall else math.nan,  # of os.cpu_count() cores
         }
@@ -274,9 +407,26 @@ def measure(
         "windows": {
             "default": window_info(windows["default"], s["step_alone"]),
             "threads1": window_info(windows["threads1"], s["step_alone_t1"]),
+            "loaded": window_info(windows["loaded"], None),
         },
         "snapshot_bytes": mgr._snapshots.bytes if mgr._snapshots is not None else 0,
         "writer_nice": mgr.writer_nice,
+        "options": {k: v for k, v in options.items()},
+        "scenario_s": {"quiet": t_loaded - t_quiet, "loaded": t_end - t_loaded},
+        "compare": {
+            spec: {
+                "options": (compare or {})[spec],
+                "async_lost_vs_sync": statistics.median(w.lost_s for w in ws["quiet"]) / s["sync"].median,
+                "async_lost_vs_sync_loaded": statistics.median(w.lost_s for w in ws["loaded"])
+                / s["sync_loaded"].median,
+                "lost_s": [w.lost_s for w in ws["quiet"]],
+                "lost_loaded_s": [w.lost_s for w in ws["loaded"]],
+                "block_s": [w.block_s for w in ws["quiet"]],
+                "background_s": [w.background_s for w in ws["quiet"]],
+                "background_loaded_s": [w.background_s for w in ws["loaded"]],
+            }
+            for spec, ws in other_windows.items()
+        },
     }
     return s, info
 
@@ -300,16 +450,25 @@ def table(s: dict[str, Series], ratios: dict[str, float], note: str) -> str:
             ok = f"({ok})"  # informational: the same bound, not a target of its own
         rows.append((f"  {key} {label}".rstrip(), "-", "-", f"{v:.3f}", target, ok))
 
-    for k in ("copy", "torch_save", "first_block", "block"):
+    for k in ("copy", "torch_save", "sync", "first_block", "block"):
         series_row(k)
     ratio_row("async_block_vs_copy", "(block / (copy + 50 ms))")
     ratio_row("async_block_vs_sync", "(time)")
-    for k in ("block_threads1", "background", "step_alone", "step_during"):
+    for k in ("background", "lost"):
+        series_row(k)
+    ratio_row("async_lost_vs_sync", "(lost / ckptkit sync save)")
+    for k in ("step_alone", "step_during"):
         series_row(k)
     ratio_row("step_slowdown_during_save", "(median step time)")
-    for k in ("step_alone_t1", "step_during_t1"):
+    for k in ("block_threads1", "step_alone_t1", "step_during_t1"):
         series_row(k)
     ratio_row("step_slowdown_during_save_threads1", "(median step time)", "step_slowdown_during_save")
+    for k in ("sync_loaded", "block_loaded", "background_loaded", "lost_loaded"):
+        series_row(k)
+    ratio_row("async_lost_vs_sync_loaded", "(lost / sync, loaded)")
+    for k in ("step_alone_loaded", "step_during_loaded"):
+        series_row(k)
+    ratio_row("step_slowdown_during_save_loaded", "(median step time)", "step_slowdown_during_save")
     return format_table(note, rows)
 
 
@@ -319,11 +478,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="training steps per 'alone' round (default 20)")
     p.add_argument("--writer-nice", type=int, default=None, help="CheckpointManager(writer_nice=N): the "
                    "background writer's priority below training's (default: ckptkit's default)")  # fmt: skip
+    p.add_argument("--writer", choices=["thread", "process"], default=None,
+                   help="CheckpointManager(writer=...): a thread or a process (default: ckptkit's)")  # fmt: skip
+    p.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also measure an async manager with these options (e.g. writer=thread or writer_nice=19), "
+                        "interleaved with the main one in both scenarios; repeatable")  # fmt: skip
     args = p.parse_args(argv)
     check_common(p, args)
     if args.steps < 1:
         p.error("--steps must be positive")
+    args.compare_options = compare_options(p, args.compare)
     return args
+
+
+def manager_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The async manager's options that the command line sets (the others keep ckptkit's defaults)."""
+    options: dict[str, Any] = {} if args.writer_nice is None else {"writer_nice": args.writer_nice}
+    return options if args.writer is None else {**options, "writer": args.writer}
+
+
+def compare_options(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, dict[str, Any]]:
+    """``--compare`` specs as manager options, by spec."""
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        opts: dict[str, Any] = {}
+        for item in spec.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or key not in ("writer", "writer_nice"):
+                p.error(f"--compare {spec!r}: expected writer=thread|process or writer_nice=N items")
+            opts[key] = int(value) if key == "writer_nice" else value
+        out[spec] = opts
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -331,17 +516,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     load_before = os.getloadavg()
     with scratch_dir(args.dir, "ckptkit-bench-async-") as tmp:
-        s, info = measure(tmp, args.size_mib, args.runs, args.warmup, args.steps, args.writer_nice)
+        s, info = measure(tmp, args.size_mib, args.runs, args.warmup, args.steps, manager_options(args),
+                          args.compare_options)
+    load_after = os.getloadavg()
 
     ratios = {
         "async_block_vs_copy": s["block"].median / (s["copy"].median + ALLOWANCE_S),
         "async_block_vs_sync": s["block"].median / s["torch_save"].median,
         "step_slowdown_during_save": s["step_during"].median / s["step_alone"].median,
         "step_slowdown_during_save_threads1": s["step_during_t1"].median / s["step_alone_t1"].median,
+        "async_lost_vs_sync": s["lost"].median / s["sync"].median,
+        "async_lost_vs_sync_loaded": s["lost_loaded"].median / s["sync_loaded"].median,
+        "step_slowdown_during_save_loaded": s["step_during_loaded"].median / s["step_alone_loaded"].median,
     }
     by_min = {  # each series' fastest round: an estimate of the code's cost when nothing else is in the way
         "async_block_vs_copy": s["block"].best / (s["copy"].best + ALLOWANCE_S),
         "async_block_vs_sync": s["block"].best / s["torch_save"].best,
+        "async_lost_vs_sync": s["lost"].best / s["sync"].best,
+        "async_lost_vs_sync_loaded": s["lost_loaded"].best / s["sync_loaded"].best,
     }
     result: dict[str, Any] = {
         **ratios,
@@ -368,20 +560,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "windows": info["windows"],
         "torch_threads": info["torch_threads"],
         "writer_nice": info["writer_nice"],
+        "manager_options": info["options"],
+        "compare": info["compare"],
+        "scenario_s": info["scenario_s"],
+        "loadavg_before": list(load_before),  # 1, 5 and 15 minutes, as uptime prints them
+        "loadavg_after": list(load_after),
         **machine(load_before),
         "dir": args.dir,
     }
+
     def text() -> str:
         note = (
             f"state {info['state_bytes'] / MiB:.0f} MiB ({result['model']}), training model "
             f"{result['training_model']}, median of {args.runs} interleaved rounds, local disk under {args.dir}, "
-            f"torch threads {info['torch_threads']}, writer_nice {info['writer_nice']}, {load_note(load_before)}"
+            f"torch threads {info['torch_threads']}, writer_nice {info['writer_nice']}, options "
+            f"{info['options'] or 'default'}, {load_note(load_before)} (1/5/15-min "
+            f"{' '.join(f'{x:.2f}' for x in load_before)} before, {' '.join(f'{x:.2f}' for x in load_after)} after); "
+            f"quiet scenario {info['scenario_s']['quiet']:.0f} s, loaded {info['scenario_s']['loaded']:.0f} s"
         )
         lines = [table(s, ratios, note)]
         for k, w in info["windows"].items():
             lines.append(f"during-save windows ({k}): steps per save {w['steps_during']}, training time lost per "
                          f"save {w['train_time_lost_per_save_s']:.2f} s, process CPU "
                          f"{w['process_cpu_cores_busy']:.2f} of {os.cpu_count()} cores busy")  # fmt: skip
+        for spec, c in info["compare"].items():
+            lines.append(f"compared, {spec}: async_lost_vs_sync {c['async_lost_vs_sync']:.3f} (lost "
+                         f"{statistics.median(c['lost_s']):.2f} s, committed after "
+                         f"{statistics.median(c['background_s']):.2f} s), loaded "
+                         f"{c['async_lost_vs_sync_loaded']:.3f} (lost {statistics.median(c['lost_loaded_s']):.2f} s, "
+                         f"committed after {statistics.median(c['background_loaded_s']):.2f} s)")  # fmt: skip
         return "\n".join(lines)
 
     emit(result, args.json, text)

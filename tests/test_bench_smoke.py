@@ -49,7 +49,8 @@ def test_bench_save_load_smoke(tmp_path: Path) -> None:
 def test_bench_async_save_smoke(tmp_path: Path) -> None:
     result = run_bench("async_save.py", ["--size-mib", "8", "--steps", "3"], tmp_path)
     assert_ratios(result, ("async_block_vs_copy", "async_block_vs_sync", "step_slowdown_during_save",
-                           "step_slowdown_during_save_threads1"))  # fmt: skip
+                           "step_slowdown_during_save_threads1", "async_lost_vs_sync",
+                           "async_lost_vs_sync_loaded"))  # fmt: skip
     assert result["windows"]["default"]["saves"] == 1 and result["windows"]["default"]["steps_during"][0] >= 1
 
 
