@@ -148,6 +148,12 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # Ids are random hashes, so each insert lands anywhere in the key indexes: a page cache of up to 64 MiB (taken
     # as used) keeps them in memory on a large catalog instead of SQLite's default 2 MiB.
     cur.execute("PRAGMA cache_size=-65536")
+    # Checkpoint the WAL into the database file every ~200 MiB of it, not SQLite's 4 MiB: a checkpoint writes each
+    # page changed since the last one (the random-key indexes change pages all over the file) and fsyncs, so
+    # rarer checkpoints write hot pages once instead of many times. Indexing 40,000 manifests here: 836/s with the
+    # default, 1,932/s with this. After a checkpoint the WAL file is cut back to 64 MiB.
+    cur.execute("PRAGMA wal_autocheckpoint=50000")
+    cur.execute("PRAGMA journal_size_limit=67108864")
     cur.close()
 
 
