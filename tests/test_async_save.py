@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -324,8 +325,12 @@ def test_a_writer_process_that_dies_fails_its_save_loudly_and_the_next_save_star
     mgr.wait()
     pid = mgr._writer.pid  # type: ignore[union-attr]
     assert pid is not None
-    os.kill(pid, signal.SIGKILL)
+    # The child dies holding save 2: stopped first, so that the save is sent to it (a child already seen dead
+    # is replaced before sending, and that save succeeds), then killed while the writer waits for its answer.
+    os.kill(pid, signal.SIGSTOP)
     mgr.save(2)
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
     with pytest.raises(ckptkit.errors.StorageError, match="writer process exited"):
         mgr.wait()  # never silently lost
     mgr.save(3)
