@@ -10,6 +10,7 @@ are, nothing is pickled or copied between the processes.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from dataclasses import dataclass, replace
@@ -53,10 +54,7 @@ def _new_arena(size: int, generation: int) -> Arena:
 
 def arena_view(base: torch.Tensor, offset: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     """The tensor of ``dtype`` and ``shape`` stored at ``offset`` of an arena mapped as ``base`` (bytes)."""
-    n = 1
-    for d in shape:
-        n *= d
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     return base[offset : offset + nbytes].view(dtype).view(shape)
 
 
