@@ -14,6 +14,8 @@ from typing import Any
 
 from ckptkit.manager.writer import lower_process_priority, recv_message, send_message
 
+__all__: list[str] = []
+
 
 def _json_safe(value: Any) -> Any:
     try:
