@@ -149,15 +149,19 @@ def open_backend(
     timeout: float | None = None,
     read_part_size: int | None = None,
     read_concurrency: int | None = None,
+    direct_io: bool | None = None,
 ) -> Backend:
     """The backend for ``url``: local disk, S3, or any other fsspec filesystem.
 
     ``part_size``, ``max_concurrency``, ``timeout``, ``read_part_size`` and ``read_concurrency`` are options of
-    the S3 backend (:class:`~ckptkit.storage.s3.S3Backend`); ``None`` takes its defaults.
+    the S3 backend (:class:`~ckptkit.storage.s3.S3Backend`); ``direct_io`` is one of the local-disk backend
+    (:class:`~ckptkit.storage.local.LocalBackend`: large objects written with ``O_DIRECT``, default True);
+    ``None`` takes their defaults.
 
     Raises:
         InvalidArgumentError: ``storage_options`` asks for a listings cache, or S3 options are given for a URL
-            that is not on S3 (they would have no effect there), or they are out of range.
+            that is not on S3 or ``direct_io`` for one not on local disk (they would have no effect there), or
+            they are out of range.
         MissingDependencyError: the fsspec implementation for the URL's protocol is not installed.
 
     Example:
@@ -189,6 +193,12 @@ def open_backend(
             f"for S3 install `ckptkit[s3]`"
         ) from err
     root = root.rstrip("/") or "/"
+    local = isinstance(fs, LocalFileSystem)
+    if direct_io is not None and not local:
+        raise InvalidArgumentError(f"direct_io applies to repositories on local disk; {url} is on "
+                                   f"{type(fs).__name__}, which would ignore it")  # fmt: skip
+    if direct_io is not None and not isinstance(direct_io, bool):
+        raise InvalidArgumentError(f"direct_io must be True or False, got {direct_io!r}")
     if is_s3_filesystem(fs):
         from ckptkit.storage.s3 import S3Backend  # asyncio and s3fs's loop: only for S3 repositories
 
@@ -207,8 +217,8 @@ def open_backend(
             f"part_size, max_concurrency, timeout, read_part_size and read_concurrency apply to S3 repositories "
             f"(s3://...); {url} is on {type(fs).__name__}, which would ignore them"
         )
-    if isinstance(fs, LocalFileSystem):
-        return LocalBackend(fs, os.path.abspath(root))
+    if local:
+        return LocalBackend(fs, os.path.abspath(root), direct_io=True if direct_io is None else direct_io)
     return FsspecBackend(fs, root)
 
 

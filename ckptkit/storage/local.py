@@ -6,6 +6,13 @@ fails if the name exists, so a committed checkpoint or a held gc lock is never r
 is fsync'd so that the new name survives a power loss. A crash at any moment leaves complete objects and
 temporary files (removed by gc once stale), never a partial object. When several objects are written at once,
 their fsyncs run on a background thread while the next is written, and all are on disk before any gets its name.
+Objects of :data:`DIRECT_FROM` bytes and more are written with ``O_DIRECT`` where the filesystem takes it (Linux;
+``direct_io=False`` turns it off): their bytes are copied into two page-aligned buffers in turn, each written
+by a background thread while the caller fills the other, and the last partial block is written after the
+descriptor leaves direct mode. That skips the page cache: a buffered write costs 0.7-2.2 CPU-seconds per GiB
+here (page allocation, copying, writeback), a direct one ~0.35, which a training loop that keeps every core
+busy gets back during an async save; nor does a checkpoint evict the dataset's cached pages. A filesystem that
+refuses ``O_DIRECT`` (tmpfs, some network filesystems) gets buffered writes, decided at its first large object.
 A write that finds the disk full or over quota (``ENOSPC``/``EDQUOT`` from a write, an fsync, a close or a
 rename) removes its temporary files and raises :class:`~ckptkit.errors.StorageFullError` naming the file. What
 needs no data blocks works on a full disk: :meth:`LocalBackend.move` (a rename), :meth:`LocalBackend.touch` and
@@ -35,12 +42,25 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no O_DIRECT either
+    fcntl = None  # type: ignore[assignment]
 
 from ckptkit.errors import CorruptObjectError, StorageError, StorageFullError
 from ckptkit.hashing import hasher
 from ckptkit.storage.fsspec_backend import FsspecBackend
 
-__all__ = ["HUGE_PAGES_FROM", "READ_CHUNK", "TEMP_PREFIX", "LocalBackend"]
+__all__ = ["DIRECT_FROM", "HUGE_PAGES_FROM", "READ_CHUNK", "TEMP_PREFIX", "LocalBackend"]
+
+DIRECT_FROM = 4 << 20
+"""Bytes: objects at least this large are written with ``O_DIRECT`` (bypassing the page cache) where possible."""
+DIRECT_BUFFER = 8 << 20
+"""Bytes of each of the two page-aligned buffers a direct write goes through (a multiple of :data:`_BLOCK`)."""
+_BLOCK = 4096  # O_DIRECT's alignment of memory, file offsets and lengths (any logical block size up to a page)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux and the BSDs; 0 elsewhere: buffered writes only
 
 READ_CHUNK = 8 << 20
 """Bytes read (and then hashed) at a time."""
@@ -62,18 +82,35 @@ class LocalBackend(FsspecBackend):
 
     kind = "local"
 
+    def __init__(self, fs: Any, root: str, *, direct_io: bool = True) -> None:
+        super().__init__(fs, root)
+        self.direct_io = direct_io and bool(_O_DIRECT) and fcntl is not None
+        """Whether objects of :data:`DIRECT_FROM` bytes and more are written with ``O_DIRECT``; turned off for
+        good when the filesystem refuses it."""
+
     def put(self, objects: Iterable[tuple[str, Iterable[memoryview]]]) -> int:
         written = 0
         staged: list[tuple[str, str]] = []
         current = self.root  # the file being written, for the error of a full disk
         syncer = _Fsyncer()  # a plain thread: concurrent.futures refuses new work at interpreter exit
+        direct: _DirectWriter | None = None
         try:
             for key, chunks in objects:
                 path = current = self.path(key)
+                views = [memoryview(c).cast("B") for c in chunks]
+                size = sum(len(v) for v in views)
                 tmp, fd = _create_temp(os.path.dirname(path))
                 staged.append((tmp, path))
                 try:
-                    written += _write_all(fd, chunks)
+                    if self.direct_io and size >= DIRECT_FROM:
+                        direct = direct or _DirectWriter()
+                        if not direct.write(fd, views):
+                            self.direct_io = False  # the filesystem refuses O_DIRECT: buffered from now on
+                            os.ftruncate(fd, 0)
+                            _write_all(fd, views)
+                    else:
+                        _write_all(fd, views)
+                    written += size
                 except BaseException:
                     os.close(fd)
                     raise
@@ -84,11 +121,17 @@ class LocalBackend(FsspecBackend):
                 os.replace(tmp, path)
         except BaseException as err:
             syncer.finish(raise_errors=False)
+            if direct is not None:
+                direct.close()
+                direct = None
             for tmp, _ in staged:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
             _raise_if_full(self.root, syncer.failed or current, err)
             raise
+        finally:
+            if direct is not None:
+                direct.close()
         for d in sorted({os.path.dirname(p) for _, p in staged}):
             _fsync_dir(d)
         return written
@@ -316,6 +359,104 @@ def _write_all(fd: int, chunks: Iterable[memoryview]) -> int:
             view = view[n:]
             size += n
     return size
+
+
+class _DirectWriter:
+    """``O_DIRECT`` writes for one :meth:`LocalBackend.put`: the caller copies an object's bytes into one of two
+    page-aligned buffers while a thread (plain: concurrent.futures refuses new work at interpreter exit) writes
+    the other to the file; the last partial block goes through the page cache once the object is otherwise on
+    disk."""
+
+    def __init__(self) -> None:
+        self._maps = [mmap.mmap(-1, DIRECT_BUFFER) for _ in range(2)]  # page-aligned, as O_DIRECT needs
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for m in self._maps:
+            self._free.put(memoryview(m))
+        self._todo: queue.SimpleQueue[tuple[int, memoryview, int, int] | None] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ckptkit-direct-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            fd, buf, length, offset = item
+            try:
+                if self._error is None:
+                    view = buf[:length]
+                    while view:
+                        n = os.pwrite(fd, view, offset)
+                        view, offset = view[n:], offset + n
+            except BaseException as err:
+                self._error = err
+            finally:
+                self._free.put(buf)
+
+    def _wait(self) -> BaseException | None:
+        """Wait until both buffers are written (or failed); the first error since the last wait."""
+        bufs = [self._free.get(), self._free.get()]
+        for b in bufs:
+            self._free.put(b)
+        err, self._error = self._error, None
+        return err
+
+    def write(self, fd: int, views: list[memoryview]) -> bool:
+        """Write ``views`` to the empty file ``fd`` (which is left in buffered mode); False when the filesystem
+        refuses ``O_DIRECT`` (nothing to undo but the file's length). Other errors are raised."""
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                return False
+            raise
+        offset = 0  # of the current buffer in the file
+        buf, fill, holding = self._free.get(), 0, True
+        try:
+            for view in views:
+                rest = view
+                while rest:
+                    n = min(len(rest), DIRECT_BUFFER - fill)
+                    buf[fill : fill + n] = rest[:n]
+                    rest, fill = rest[n:], fill + n
+                    if fill == DIRECT_BUFFER:
+                        holding = False
+                        self._todo.put((fd, buf, fill, offset))
+                        offset, fill = offset + fill, 0
+                        buf = self._free.get()
+                        holding = True
+            whole = fill - fill % _BLOCK
+            holding = False
+            if whole:
+                self._todo.put((fd, buf, whole, offset))
+            else:
+                self._free.put(buf)
+            failed = self._wait()
+        except BaseException:
+            if holding:
+                self._free.put(buf)
+            self._wait()
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            raise
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # the tail: shorter than a block, through the page cache
+        if failed is not None:
+            if isinstance(failed, OSError) and failed.errno == errno.EINVAL:
+                return False
+            raise failed
+        tail = buf[whole:fill]
+        at = offset + whole
+        while tail:
+            n = os.pwrite(fd, tail, at)
+            tail, at = tail[n:], at + n
+        return True
+
+    def close(self) -> None:
+        self._todo.put(None)
+        self._thread.join()
+        while not self._free.empty():
+            self._free.get().release()
+        for m in self._maps:
+            with contextlib.suppress(BufferError):  # a view still exported: the mapping goes with the object
+                m.close()
 
 
 class _Fsyncer:

@@ -156,11 +156,14 @@ class Repository:
         read_part_size: S3 only: objects are read with concurrent ranged GETs of this many bytes (1 MiB to
             5 GiB). Default 64 MiB.
         read_concurrency: S3 only: ranged GETs in flight at once across this repository's reads. Default 8.
+        direct_io: local disk only: write objects of 4 MiB and more with ``O_DIRECT``, bypassing the page cache
+            (less CPU per save, which an async save takes from training; the dataset's cached pages stay), where
+            the filesystem supports it (elsewhere: buffered). Default True.
 
     Raises:
         InvalidArgumentError: (a ``ValueError``) an S3 option (``part_size``, ``max_concurrency``, ``timeout``,
             ``read_part_size``, ``read_concurrency``) out of range, or given for a repository that is not on S3
-            (they would have no effect there).
+            (they would have no effect there); ``direct_io`` given for a repository not on local disk.
         MissingDependencyError: (an ``ImportError``) the fsspec implementation for the URL is not installed.
 
     Example:
@@ -179,6 +182,7 @@ class Repository:
         timeout: float | None = None,
         read_part_size: int | None = None,
         read_concurrency: int | None = None,
+        direct_io: bool | None = None,
     ) -> None:
         if isinstance(url, os.PathLike):
             url = os.fspath(url)
@@ -188,7 +192,8 @@ class Repository:
         self.backend: Backend = open_backend(url, storage_options, part_size=part_size,
                                              max_concurrency=max_concurrency, timeout=timeout,
                                              read_part_size=read_part_size,
-                                             read_concurrency=read_concurrency)  # fmt: skip
+                                             read_concurrency=read_concurrency,
+                                             direct_io=direct_io)  # fmt: skip
         self.fs: Any = self.backend.fs
         self.root: str = self.backend.root
         self.local = self.backend.kind == "local"
