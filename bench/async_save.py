@@ -237,8 +237,9 @@ def measure(
     common: dict[str, Any] = {"rng": False, "retention": ckptkit.Retention(keep_last=1)}
     mgr = ckptkit.CheckpointManager(os.path.join(tmp, "async-repo"), state, async_save=True, **common, **options)
     sync_mgr = ckptkit.CheckpointManager(os.path.join(tmp, "sync-repo"), state, async_save=False, **common)
-    others = {spec: ckptkit.CheckpointManager(os.path.join(tmp, f"compare-{i}"), state, async_save=True, **common,
-                                              **opts)
+    others = {spec: ckptkit.CheckpointManager(compare_repo(os.path.join(tmp, f"compare-{i}"), opts), state,
+                                              async_save=True, **common,
+                                              **{k: v for k, v in opts.items() if k != "direct_io"})
               for i, (spec, opts) in enumerate((compare or {}).items())}  # fmt: skip
     other_windows: dict[str, dict[str, list[Window]]] = {spec: {"quiet": [], "loaded": []} for spec in others}
     step_no = 0
@@ -481,8 +482,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--writer", choices=["thread", "process"], default=None,
                    help="CheckpointManager(writer=...): a thread or a process (default: ckptkit's)")  # fmt: skip
     p.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="also measure an async manager with these options (e.g. writer=thread or writer_nice=19), "
-                        "interleaved with the main one in both scenarios; repeatable")  # fmt: skip
+                   help="also measure an async manager with these options (e.g. writer=thread, writer_nice=19 or "
+                        "direct_io=0), interleaved with the main one in both scenarios; repeatable")  # fmt: skip
     args = p.parse_args(argv)
     check_common(p, args)
     if args.steps < 1:
@@ -497,6 +498,11 @@ def manager_options(args: argparse.Namespace) -> dict[str, Any]:
     return options if args.writer is None else {**options, "writer": args.writer}
 
 
+def compare_repo(path: str, opts: dict[str, Any]) -> str | ckptkit.storage.Repository:
+    """The repository of a compared manager: ``direct_io`` is the repository's option, not the manager's."""
+    return ckptkit.storage.Repository(path, direct_io=opts["direct_io"]) if "direct_io" in opts else path
+
+
 def compare_options(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, dict[str, Any]]:
     """``--compare`` specs as manager options, by spec."""
     out: dict[str, dict[str, Any]] = {}
@@ -504,9 +510,9 @@ def compare_options(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, d
         opts: dict[str, Any] = {}
         for item in spec.split(","):
             key, sep, value = item.partition("=")
-            if not sep or key not in ("writer", "writer_nice"):
-                p.error(f"--compare {spec!r}: expected writer=thread|process or writer_nice=N items")
-            opts[key] = int(value) if key == "writer_nice" else value
+            if not sep or key not in ("writer", "writer_nice", "direct_io"):
+                p.error(f"--compare {spec!r}: expected writer=thread|process, writer_nice=N or direct_io=0|1 items")
+            opts[key] = int(value) if key == "writer_nice" else bool(int(value)) if key == "direct_io" else value
         out[spec] = opts
     return out
 

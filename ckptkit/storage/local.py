@@ -32,6 +32,7 @@ object), a link to a FIFO or a device is refused.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import io
 import mmap
@@ -59,6 +60,7 @@ DIRECT_FROM = 4 << 20
 """Bytes: objects at least this large are written with ``O_DIRECT`` (bypassing the page cache) where possible."""
 DIRECT_BUFFER = 8 << 20
 """Bytes of each of the two page-aligned buffers a direct write goes through (a multiple of :data:`_BLOCK`)."""
+_UNLOCKED_COPY = 64 << 10  # bytes: a writable source at least this long is copied without the GIL
 _BLOCK = 4096  # O_DIRECT's alignment of memory, file offsets and lengths (any logical block size up to a page)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux and the BSDs; 0 elsewhere: buffered writes only
 
@@ -370,8 +372,12 @@ class _DirectWriter:
     def __init__(self) -> None:
         self._maps = [mmap.mmap(-1, DIRECT_BUFFER) for _ in range(2)]  # page-aligned, as O_DIRECT needs
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
-        for m in self._maps:
-            self._free.put(memoryview(m))
+        self._targets = [ctypes.c_char.from_buffer(m) for m in self._maps]
+        self._address: dict[int, int] = {}  # id of a buffer's view -> where it starts
+        for m, target in zip(self._maps, self._targets, strict=True):
+            view = memoryview(m)
+            self._address[id(view)] = ctypes.addressof(target)
+            self._free.put(view)
         self._todo: queue.SimpleQueue[tuple[int, memoryview, int, int] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ckptkit-direct-write", daemon=True)
@@ -412,12 +418,20 @@ class _DirectWriter:
         offset = 0  # of the current buffer in the file
         buf, fill, holding = self._free.get(), 0, True
         try:
+            source: ctypes.c_char | None = None
             for view in views:
-                rest = view
-                while rest:
-                    n = min(len(rest), DIRECT_BUFFER - fill)
-                    buf[fill : fill + n] = rest[:n]
-                    rest, fill = rest[n:], fill + n
+                # ctypes.memmove copies without the GIL (a slice assignment holds it): a writer thread at a lower
+                # priority that the scheduler sets aside mid-copy must not stall the training thread
+                source = ctypes.c_char.from_buffer(view) if len(view) >= _UNLOCKED_COPY and not view.readonly else None
+                start = 0 if source is None else ctypes.addressof(source)
+                pos = 0
+                while pos < len(view):
+                    n = min(len(view) - pos, DIRECT_BUFFER - fill)
+                    if source is None:
+                        buf[fill : fill + n] = view[pos : pos + n]
+                    else:
+                        ctypes.memmove(self._address[id(buf)] + fill, start + pos, n)
+                    pos, fill = pos + n, fill + n
                     if fill == DIRECT_BUFFER:
                         holding = False
                         self._todo.put((fd, buf, fill, offset))
@@ -454,6 +468,7 @@ class _DirectWriter:
         self._thread.join()
         while not self._free.empty():
             self._free.get().release()
+        del self._targets
         for m in self._maps:
             with contextlib.suppress(BufferError):  # a view still exported: the mapping goes with the object
                 m.close()
