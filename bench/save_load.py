@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 import ckptkit
+from ckptkit.storage import Repository
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
@@ -203,6 +204,14 @@ def throughput(tmp: str, size_mib: int, runs: int, warmup: int) -> tuple[dict[st
         remove(repo)
         return dt, repo_bytes(manifest)
 
+    def ckptkit_save_buffered(i: int) -> tuple[float, int]:
+        repo = os.path.join(tmp, f"save-buffered-{i}")
+        t0 = time.perf_counter()
+        manifest = ckptkit.save(Repository(repo, direct_io=False), state, f"r{i}", rng=False)
+        dt = time.perf_counter() - t0
+        remove(repo)
+        return dt, repo_bytes(manifest)
+
     def torch_load(i: int) -> tuple[float, int]:
         t0 = time.perf_counter()
         sd = torch.load(load_path, weights_only=True)
@@ -222,6 +231,7 @@ def throughput(tmp: str, size_mib: int, runs: int, warmup: int) -> tuple[dict[st
         Method("torch_save", "torch.save + fsync", run=torch_save),
         Method("safetensors_save", "safetensors save_file + fsync", run=safetensors_save),
         Method("ckptkit_save", "ckptkit.save (fresh repo)", run=ckptkit_save),
+        Method("ckptkit_save_buffered", "ckptkit.save, direct_io=False", run=ckptkit_save_buffered),
         Method("torch_load", "torch.load + load_state_dict x2", run=torch_load),
         Method("ckptkit_restore", "ckptkit.restore", run=ckptkit_restore),
     ]
@@ -285,7 +295,8 @@ def table(methods: dict[str, Method], ratios: dict[str, float], dd_info: dict[st
         v = ratios[key]
         rows.append((f"  {key} {label}".rstrip(), seconds, gbps, f"{v:.3f}", *verdict(TARGETS, key, v)))
 
-    rows += [method_row(methods[k]) for k in ("dd", "torch_save", "safetensors_save", "ckptkit_save")]
+    rows += [method_row(methods[k]) for k in ("dd", "torch_save", "safetensors_save", "ckptkit_save",
+                                              "ckptkit_save_buffered")]  # fmt: skip
     ratio_row("save_vs_dd", "(throughput)")
     ratio_row("save_vs_torch_save", "(throughput)")
     ratio_row("save_vs_safetensors", "(throughput)")

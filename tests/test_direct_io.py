@@ -1,7 +1,8 @@
-"""Large objects on local disk are written with ``O_DIRECT``: they bypass the page cache (what a user sees with
-``fincore``: no page of a saved object stays cached, so a checkpoint does not evict the dataset's pages), they
-read back bit-exactly whatever their length (the last partial block goes through the page cache), and a
-filesystem that refuses direct writes gets buffered ones without the save noticing."""
+"""Large objects of async saves on local disk (of every save with ``direct_io=True``) are written with
+``O_DIRECT``: they bypass the page cache (what a user sees with ``fincore``: no page of a saved object stays
+cached, so a checkpoint does not evict the dataset's pages), they read back bit-exactly whatever their length
+(the last partial block goes through the page cache), and a filesystem that refuses direct writes gets buffered
+ones without the save noticing. Synchronous saves stay buffered by default."""
 
 from __future__ import annotations
 
@@ -67,9 +68,9 @@ def _restores_exactly(url: str, model: dict[str, torch.nn.Module], name: str) ->
 
 def test_large_objects_skip_the_page_cache_and_restore_bit_exactly(tmp_path: Path) -> None:
     model = _state()
-    repo = Repository(tmp_path / "direct")
+    repo = Repository(tmp_path / "direct", direct_io=True)
     ckptkit.save(repo, model, "one", rng=False)
-    assert repo.backend.direct_io, "the filesystem under tmp_path refused O_DIRECT"  # ext4 in CI
+    assert repo.backend.direct_supported, "the filesystem under tmp_path refused O_DIRECT"  # ext4 in CI
     sizes = _objects(tmp_path / "direct")
     large = {h: n for h, n in sizes.items() if n >= DIRECT_FROM}
     assert len(large) >= 2 and any(n % PAGE for n in large.values()) and len(large) < len(sizes), sizes
@@ -78,13 +79,14 @@ def test_large_objects_skip_the_page_cache_and_restore_bit_exactly(tmp_path: Pat
     _restores_exactly(str(tmp_path / "direct"), model, "one")
     assert not list((tmp_path / "direct").rglob(".tmp-*"))
 
-    # The same save, buffered: the same objects (names are content hashes), all cached after the write.
-    buffered = Repository(tmp_path / "buffered", direct_io=False)
-    ckptkit.save(buffered, model, "one", rng=False)
-    assert _objects(tmp_path / "buffered") == sizes
-    for h, n in large.items():
-        assert _resident(_path(tmp_path / "buffered", h)) >= n - PAGE, h
-        assert _path(tmp_path / "buffered", h).read_bytes() == _path(tmp_path / "direct", h).read_bytes()
+    # The same save, buffered (direct_io=False, and a synchronous save by default): the same objects (names are
+    # content hashes), all cached after the write.
+    for name, option in (("buffered", False), ("default", None)):
+        ckptkit.save(Repository(tmp_path / name, direct_io=option), model, "one", rng=False)
+        assert _objects(tmp_path / name) == sizes
+        for h, n in large.items():
+            assert _resident(_path(tmp_path / name, h)) >= n - PAGE, (name, h)
+            assert _path(tmp_path / name, h).read_bytes() == _path(tmp_path / "direct", h).read_bytes()
 
 
 def test_a_filesystem_that_refuses_direct_writes_gets_buffered_ones(
@@ -116,9 +118,9 @@ def test_a_filesystem_that_refuses_direct_writes_gets_buffered_ones(
                 m.setattr(local_backend.fcntl, "fcntl", refusing_fcntl)
             else:
                 m.setattr(os, "pwrite", refusing_pwrite)
-            repo = Repository(tmp_path / where)
+            repo = Repository(tmp_path / where, direct_io=True)
             ckptkit.save(repo, model, "one", rng=False)
-            assert not repo.backend.direct_io, where
+            assert not repo.backend.direct_supported, where
         for h, n in _objects(tmp_path / where).items():
             if n >= DIRECT_FROM:
                 assert _resident(_path(tmp_path / where, h)) >= n - PAGE, (where, h)
@@ -130,6 +132,28 @@ def test_a_filesystem_that_refuses_direct_writes_gets_buffered_ones(
 def test_direct_io_is_an_option_of_local_repositories_only(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="direct_io applies to repositories on local disk"):
         Repository("memory://direct-io-option", direct_io=True)
-    with pytest.raises(InvalidArgumentError, match="direct_io must be True or False"):
+    with pytest.raises(InvalidArgumentError, match="direct_io must be True, False or None"):
         Repository(tmp_path, direct_io="yes")  # type: ignore[arg-type]
-    assert Repository(tmp_path).backend.direct_io and not Repository(tmp_path, direct_io=False).backend.direct_io
+    assert [Repository(tmp_path, direct_io=v).backend.direct_io for v in (None, True, False)] == [None, True, False]
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+@pytest.mark.parametrize("option", [None, False])
+def test_async_saves_write_directly_unless_the_repository_says_not_to(
+    tmp_path: Path, writer: str, option: bool | None
+) -> None:
+    """An async save's writer (a thread, or a child process that opens the repository itself and takes the
+    parent's ``direct_io`` with it) writes directly by default; ``direct_io=False`` keeps it buffered."""
+    model = _state()
+    direct = option is None
+    repo = Repository(tmp_path / "repo", direct_io=option)
+    mgr = ckptkit.CheckpointManager(repo, model, async_save=True, writer=writer, rng=False)
+    mgr.save(1, force=True)
+    name = mgr.wait().name
+    mgr.close()
+    large = {h: n for h, n in _objects(tmp_path / "repo").items() if n >= DIRECT_FROM}
+    assert large
+    for h, n in large.items():
+        resident = _resident(_path(tmp_path / "repo", h))
+        assert resident <= PAGE if direct else resident >= n - PAGE, (h, resident)
+    _restores_exactly(str(tmp_path / "repo"), model, name)

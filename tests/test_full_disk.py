@@ -243,7 +243,7 @@ def test_retire_moves_the_manifest_on_every_backend(repo_url: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_a_disk_that_fills_during_a_direct_write_fails_cleanly(tmp_path: Path) -> None:
-    """Objects of 4 MiB and more go through O_DIRECT (tmpfs takes it on Linux 6.6+; older kernels refuse it and
+    """Objects of 4 MiB and more go through O_DIRECT with direct_io=True (tmpfs takes it on Linux 6.6+; older kernels refuse it and
     the writes are buffered, the same test then): ENOSPC from a direct write is the same typed error, with the
     temporary file removed and every listed checkpoint intact."""
     with _tmpfs(tmp_path / "disk", "size=40m") as disk:
@@ -254,7 +254,7 @@ def test_a_disk_that_fills_during_a_direct_write_fails_cleanly(tmp_path: Path) -
             torch.manual_seed(step)
             model = torch.nn.Linear(1536, 1536)
             try:
-                ckptkit.save(url, {"model": model}, f"step-{step}", rng=False)
+                ckptkit.save(Repository(url, direct_io=True), {"model": model}, f"step-{step}", rng=False)
             except StorageFullError as err:
                 full = err
                 break

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from ckptkit.errors import StorageError
 from ckptkit.hashing import single_threaded_hashing
+from ckptkit.storage.backend import in_background
 
 __all__ = [
     "Closable",
@@ -63,7 +64,8 @@ class Writer:
             future, fn = job
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(fn())
+                    with in_background():  # no one waits on this save's wall time: a backend may trade it for CPU
+                        future.set_result(fn())
                 except BaseException as err:
                     future.set_exception(err)
 
@@ -194,7 +196,8 @@ class ProcessWriter(Writer):
                          for k, t in c.tensors.items()}}
             for c in captured
         ]  # fmt: skip
-        message = {"op": "commit", "url": self._url, "name": name, "components": components,
+        message = {"op": "commit", "url": self._url, "direct_io": getattr(repo.backend, "direct_io", None),
+                   "name": name, "components": components,
                    "object_size": fields.pop("object_size"), "metrics": dict(fields.pop("metrics") or {}),
                    "hparams": dict(fields.pop("hparams") or {}),
                    **{k: None if v is None else (

@@ -36,6 +36,7 @@ def _child_main(fd: int, nice: int) -> None:
     from ckptkit.schema import DataSegment, Lineage, Progress, dump_manifest
     from ckptkit.state import Captured
     from ckptkit.storage import Repository
+    from ckptkit.storage.backend import in_background
 
     lower_process_priority(nice)
     torch.set_num_threads(1)
@@ -53,7 +54,9 @@ def _child_main(fd: int, nice: int) -> None:
             continue
         try:
             assert base is not None, "a commit before its arena"
-            repo = repos.get(msg["url"]) or repos.setdefault(msg["url"], Repository(msg["url"]))
+            where = (msg["url"], msg["direct_io"])  # the parent's repository's options, as it has them now
+            repo = repos.get(repr(where)) or repos.setdefault(repr(where), Repository(msg["url"],
+                                                                                      direct_io=msg["direct_io"]))
             captured = [
                 Captured(name=c["name"], kind=c["kind"], type=c["type"], json=c["json"], classes=c["classes"],
                          aliases=c["aliases"], adapter=c["adapter"], meta=c["meta"],
@@ -61,13 +64,14 @@ def _child_main(fd: int, nice: int) -> None:
                                   for k, (off, dt, shape) in c["tensors"].items()})
                 for c in msg["components"]
             ]  # fmt: skip
-            manifest = commit_captured(
-                repo, captured, msg["name"], object_size=msg["object_size"], metrics=msg["metrics"],
-                hparams=msg["hparams"],
-                progress=None if msg.get("progress") is None else Progress.model_validate(msg["progress"]),
-                data=None if msg.get("data") is None else [DataSegment.model_validate(d) for d in msg["data"]],
-                lineage=None if msg.get("lineage") is None else Lineage.model_validate(msg["lineage"]),
-            )  # fmt: skip
+            with in_background():  # an async save: no one waits on its wall time
+                manifest = commit_captured(
+                    repo, captured, msg["name"], object_size=msg["object_size"], metrics=msg["metrics"],
+                    hparams=msg["hparams"],
+                    progress=None if msg.get("progress") is None else Progress.model_validate(msg["progress"]),
+                    data=None if msg.get("data") is None else [DataSegment.model_validate(d) for d in msg["data"]],
+                    lineage=None if msg.get("lineage") is None else Lineage.model_validate(msg["lineage"]),
+                )  # fmt: skip
             reply: dict[str, Any] = {"ok": True, "manifest": dump_manifest(manifest).decode()}
         except Exception as err:
             cls = type(err)

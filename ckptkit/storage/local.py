@@ -6,13 +6,16 @@ fails if the name exists, so a committed checkpoint or a held gc lock is never r
 is fsync'd so that the new name survives a power loss. A crash at any moment leaves complete objects and
 temporary files (removed by gc once stale), never a partial object. When several objects are written at once,
 their fsyncs run on a background thread while the next is written, and all are on disk before any gets its name.
-Objects of :data:`DIRECT_FROM` bytes and more are written with ``O_DIRECT`` where the filesystem takes it (Linux;
-``direct_io=False`` turns it off): their bytes are copied into two page-aligned buffers in turn, each written
+In an async save (:func:`~ckptkit.storage.backend.in_background`; ``direct_io=True``: in every save, ``False``:
+never), objects of :data:`DIRECT_FROM` bytes and more are written with ``O_DIRECT`` where the filesystem takes it
+(Linux): their bytes are copied into two page-aligned buffers in turn, each written
 by a background thread while the caller fills the other, and the last partial block is written after the
 descriptor leaves direct mode. That skips the page cache: a buffered write costs 0.7-2.2 CPU-seconds per GiB
 here (page allocation, copying, writeback), a direct one ~0.35, which a training loop that keeps every core
-busy gets back during an async save; nor does a checkpoint evict the dataset's cached pages. A filesystem that
-refuses ``O_DIRECT`` (tmpfs, some network filesystems) gets buffered writes, decided at its first large object.
+busy gets back during an async save; nor does a checkpoint evict the dataset's cached pages. Synchronous saves
+stay buffered by default: with one request in flight at a time a direct write took twice as long on this
+machine's disk, and there the wall time is what the training loop waits on. A filesystem that refuses
+``O_DIRECT`` (some network and FUSE filesystems) gets buffered writes, decided at its first large object.
 A write that finds the disk full or over quota (``ENOSPC``/``EDQUOT`` from a write, an fsync, a close or a
 rename) removes its temporary files and raises :class:`~ckptkit.errors.StorageFullError` naming the file. What
 needs no data blocks works on a full disk: :meth:`LocalBackend.move` (a rename), :meth:`LocalBackend.touch` and
@@ -52,6 +55,7 @@ except ImportError:  # Windows: no O_DIRECT either
 
 from ckptkit.errors import CorruptObjectError, StorageError, StorageFullError
 from ckptkit.hashing import hasher
+from ckptkit.storage.backend import writing_in_background
 from ckptkit.storage.fsspec_backend import FsspecBackend
 
 __all__ = ["DIRECT_FROM", "HUGE_PAGES_FROM", "READ_CHUNK", "TEMP_PREFIX", "LocalBackend"]
@@ -84,11 +88,17 @@ class LocalBackend(FsspecBackend):
 
     kind = "local"
 
-    def __init__(self, fs: Any, root: str, *, direct_io: bool = True) -> None:
+    def __init__(self, fs: Any, root: str, *, direct_io: bool | None = None) -> None:
         super().__init__(fs, root)
-        self.direct_io = direct_io and bool(_O_DIRECT) and fcntl is not None
-        """Whether objects of :data:`DIRECT_FROM` bytes and more are written with ``O_DIRECT``; turned off for
-        good when the filesystem refuses it."""
+        self.direct_io = direct_io
+        """Objects of :data:`DIRECT_FROM` bytes and more are written with ``O_DIRECT``: True in every save, False
+        never, None (the default) in async saves only (:func:`~ckptkit.storage.backend.in_background`)."""
+        self.direct_supported = bool(_O_DIRECT) and fcntl is not None
+        """False on systems without ``O_DIRECT``, and from the first time the filesystem refused it."""
+
+    def _direct(self, size: int) -> bool:
+        wanted = self.direct_io if self.direct_io is not None else writing_in_background()
+        return wanted and self.direct_supported and size >= DIRECT_FROM
 
     def put(self, objects: Iterable[tuple[str, Iterable[memoryview]]]) -> int:
         written = 0
@@ -104,10 +114,10 @@ class LocalBackend(FsspecBackend):
                 tmp, fd = _create_temp(os.path.dirname(path))
                 staged.append((tmp, path))
                 try:
-                    if self.direct_io and size >= DIRECT_FROM:
+                    if self._direct(size):
                         direct = direct or _DirectWriter()
                         if not direct.write(fd, views):
-                            self.direct_io = False  # the filesystem refuses O_DIRECT: buffered from now on
+                            self.direct_supported = False  # the filesystem refuses O_DIRECT: buffered from now on
                             os.ftruncate(fd, 0)
                             _write_all(fd, views)
                     else:

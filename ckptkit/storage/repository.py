@@ -157,8 +157,8 @@ class Repository:
             5 GiB). Default 64 MiB.
         read_concurrency: S3 only: ranged GETs in flight at once across this repository's reads. Default 8.
         direct_io: local disk only: write objects of 4 MiB and more with ``O_DIRECT``, bypassing the page cache
-            (less CPU per save, which an async save takes from training; the dataset's cached pages stay), where
-            the filesystem supports it (elsewhere: buffered). Default True.
+            (less CPU, which an async save takes from training; the dataset's cached pages stay), where the
+            filesystem supports it: True in every save, False never, None (the default) in async saves only.
 
     Raises:
         InvalidArgumentError: (a ``ValueError``) an S3 option (``part_size``, ``max_concurrency``, ``timeout``,
