@@ -42,7 +42,7 @@ def _child_main(fd: int, nice: int) -> None:
     torch.set_num_threads(1)
     sock = socket.socket(fileno=fd)
     base: torch.Tensor | None = None
-    repos: dict[str, Repository] = {}
+    repos: dict[tuple[str, bool | None], Repository] = {}
     while (msg := recv_message(sock)) is not None:
         if msg["op"] == "arena":
             _, fds, _, _ = socket.recv_fds(sock, 1, 1)
@@ -55,8 +55,9 @@ def _child_main(fd: int, nice: int) -> None:
         try:
             assert base is not None, "a commit before its arena"
             where = (msg["url"], msg["direct_io"])  # the parent's repository's options, as it has them now
-            repo = repos.get(repr(where)) or repos.setdefault(repr(where), Repository(msg["url"],
-                                                                                      direct_io=msg["direct_io"]))
+            if where not in repos:
+                repos[where] = Repository(msg["url"], direct_io=msg["direct_io"])
+            repo = repos[where]
             captured = [
                 Captured(name=c["name"], kind=c["kind"], type=c["type"], json=c["json"], classes=c["classes"],
                          aliases=c["aliases"], adapter=c["adapter"], meta=c["meta"],

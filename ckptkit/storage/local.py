@@ -373,6 +373,12 @@ def _write_all(fd: int, chunks: Iterable[memoryview]) -> int:
     return size
 
 
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 class _DirectWriter:
     """``O_DIRECT`` writes for one :meth:`LocalBackend.put`: the caller copies an object's bytes into one of two
     page-aligned buffers while a thread (plain: concurrent.futures refuses new work at interpreter exit) writes
@@ -398,10 +404,7 @@ class _DirectWriter:
             fd, buf, length, offset = item
             try:
                 if self._error is None:
-                    view = buf[:length]
-                    while view:
-                        n = os.pwrite(fd, view, offset)
-                        view, offset = view[n:], offset + n
+                    _pwrite_all(fd, buf[:length], offset)
             except BaseException as err:
                 self._error = err
             finally:
@@ -466,11 +469,7 @@ class _DirectWriter:
             if isinstance(failed, OSError) and failed.errno == errno.EINVAL:
                 return False
             raise failed
-        tail = buf[whole:fill]
-        at = offset + whole
-        while tail:
-            n = os.pwrite(fd, tail, at)
-            tail, at = tail[n:], at + n
+        _pwrite_all(fd, buf[whole:fill], offset + whole)
         return True
 
     def close(self) -> None:
