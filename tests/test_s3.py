@@ -274,6 +274,96 @@ def test_small_objects_are_one_put(s3: Any) -> None:
     assert bytes(repo.read_object(h, len(data))) == data
 
 
+def _sent_headers(repo: Repository) -> list[dict[str, str]]:
+    """Record the headers of every PUT the (private) repository's client sends, as they go on the wire."""
+    sent: list[dict[str, str]] = []
+    repo.write_object(hash_bytes(b"x"), [memoryview(b"x")])  # s3fs makes its client on first use
+
+    def record(request: Any, **_: Any) -> None:
+        if request.method == "PUT":
+            sent.append({k.lower(): v.decode() if isinstance(v, bytes) else str(v) for k, v in request.headers.items()})
+
+    repo.fs.s3.meta.events.register("before-send.s3", record)
+    sent.clear()
+    return sent
+
+
+def test_uploads_carry_the_sha256_and_crc32_of_their_own_bytes(s3: Any) -> None:
+    """Each part's SHA-256 (SigV4 over plain HTTP) and CRC32 are computed on worker threads, not by botocore on
+    s3fs's loop; what goes on the wire must be those of exactly the part's bytes, across the object's buffers."""
+    import base64
+    import hashlib
+    import zlib
+
+    repo = _private(s3.fresh_url(), part_size=5 * MIB, max_concurrency=3)
+    sent = _sent_headers(repo)
+    data = os.urandom(13 * MIB + 12345)  # 3 parts, the last one short; buffers that do not align with the parts
+    views = [memoryview(data[: 3 * MIB + 7]), memoryview(data[3 * MIB + 7 : 11 * MIB]), memoryview(data[11 * MIB :])]
+    h = hash_bytes(data)
+    repo.write_object(h, views)
+    small = os.urandom(MIB + 3)
+    repo.write_object(hash_bytes(small), [memoryview(small[:5]), memoryview(small[5:])])  # one PUT
+    bodies = [data[i : i + 5 * MIB] for i in range(0, len(data), 5 * MIB)] + [small]
+    def crc(b: bytes) -> str:
+        return base64.b64encode((zlib.crc32(b) & 0xFFFFFFFF).to_bytes(4, "big")).decode()
+
+    want = sorted((len(b), hashlib.sha256(b).hexdigest(), crc(b)) for b in bodies)
+    got = sorted((int(p["content-length"]), p["x-amz-content-sha256"], p.get("x-amz-checksum-crc32", ""))
+                 for p in sent if p.get("content-length", "0") != "0")  # fmt: skip
+    assert got == want
+    assert bytes(Repository(repo.url).read_object(h, len(data))) == data
+
+
+def test_an_upload_whose_sha256_does_not_match_its_bytes_is_refused_and_leaves_nothing(
+    s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server checks the SHA-256 the signer was handed: a body changed after it was hashed (a caller writing
+    into a tensor mid-save, say) fails the save with a typed error; it is never stored."""
+    import ckptkit.storage.s3 as s3mod
+    from ckptkit.errors import StorageError
+
+    real = s3mod._make_body
+
+    def stale(*args: Any) -> Any:
+        body, extra = real(*args)
+        body.sha256 = "0" * 64
+        return body, extra
+
+    monkeypatch.setattr(s3mod, "_make_body", stale)
+    repo = _private(s3.fresh_url(), part_size=5 * MIB)
+    data = os.urandom(11 * MIB)
+    h = hash_bytes(data)
+    with pytest.raises(StorageError, match=h):
+        repo.write_object(h, [memoryview(data)])
+    assert not repo.has_object(h)
+    assert _uploads(repo) == []
+
+
+def test_an_upload_body_streams_and_rewinds_without_copying_its_buffers() -> None:
+    """botocore reads a body as a file where it must and rewinds it (``seek(0)``) for a retry; aiohttp streams it
+    as views of the caller's buffers."""
+    from ckptkit.storage.s3 import _make_body
+
+    data = bytes(range(256)) * (12 * 1024)  # 3 MiB
+    views = [memoryview(data[:100]), memoryview(data[100 : 2 * MIB + 1]), memoryview(data[2 * MIB + 1 :])]
+    body, extra = _make_body(views, 50, 3 * MIB - 9, False, False)
+    want = data[50 : 3 * MIB - 9]
+    assert len(body) == len(want) and extra == {} and body.sha256 is None
+
+    async def stream() -> list[memoryview]:
+        return [v async for v in body]
+
+    first = asyncio.run(stream())
+    assert b"".join(first) == want and max(len(v) for v in first) <= MIB
+    assert all(v.obj is data or isinstance(v.obj, bytes) for v in first)  # views, not copies
+    assert body.tell() == len(want)
+    assert body.seek(0) == 0
+    assert b"".join(asyncio.run(stream())) == want  # a retry sends it whole again
+    body.seek(0)
+    assert body.read(7) + body.read(MIB) + body.read() == want
+    assert body.read(5) == b"" and body.seek(-10, 2) == len(want) - 10 and body.read() == want[-10:]
+
+
 def test_a_failed_multipart_upload_is_aborted_and_leaves_no_object(s3: Any) -> None:
     repo = _private(s3.fresh_url(), part_size=5 * MIB, max_concurrency=2)
     stats = _count_part_uploads(repo, fail_at=3)
