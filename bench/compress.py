@@ -20,10 +20,14 @@ What is measured, in one run:
   over both states; ``decompress_gbps_per_core`` is per second of CPU time.
 * ``framing``: the bf16 state with each byte plane of each 16 MiB chunk in a zstd frame of its own (what the codec
   does) against all planes of an object concatenated into one frame.
-* ``s3_save_compressed_vs_raw``: throughput of ``ckptkit.save`` of the bf16 state into a compressed repository over
-  that into a raw one, on the Ceph S3 server tests/s3server.py starts on loopback (needs ``radosgw``; "n/a" without
-  it or with ``--no-s3``). A loopback server is not bandwidth-bound, so this shows the CPU cost; over a network
-  slower than the codec, compression wins by the ratio.
+* ``s3_save_compressed_vs_raw``: wall time of ``ckptkit.save`` of the bf16 state into a compressed repository over
+  that into a raw one (lower is better), on the Ceph S3 server tests/s3server.py starts on loopback (needs
+  ``radosgw``; "n/a" without it or with ``--no-s3``). The server shares the machine's cores with the client, so
+  this weighs the codec's CPU against the server's work on the bytes it no longer receives; over a network slower
+  than the codec, compression wins by the ratio.
+* ``s3_save_compressed_vs_raw_link``: the same with the uploads to the server limited to ``--link-mbit`` Mbit/s
+  (default 1000, as over a 1 Gbit/s link: Linux tc's htb on loopback, for the server's port only; needs root;
+  "n/a" where tc cannot shape).
 
 Medians of ``--runs`` timed rounds after ``--warmup`` untimed ones.
 """
@@ -31,12 +35,15 @@ Medians of ``--runs`` timed rounds after ``--warmup`` untimed ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +65,11 @@ TARGETS: Targets = {
     "fp32_ratio": (">=", 1.18),
     "compress_gbps_per_core": (">=", 0.5),
     "decompress_gbps": (">=", 1.5),
+    "s3_save_compressed_vs_raw": ("<=", 0.8),
+    "s3_save_compressed_vs_raw_link": ("<=", 0.8),
 }
 NO_S3 = "n/a (no S3 server)"
+LINK_MBIT = 1000
 
 
 def bert_shapes(
@@ -188,8 +198,42 @@ def whole_object_framing(objs: list[PackedObject]) -> dict[str, float]:
     return {"ratio": raw / stored, "compress_gbps_per_core": raw / cpu / 1e9}
 
 
-def s3_ratio(tmp: str, tensors: dict[str, torch.Tensor], runs: int) -> tuple[float | str, dict[str, Any]]:
-    """Save throughput into a compressed repository over a raw one, on the Ceph S3 server (or "n/a")."""
+class LinkUnavailable(Exception):
+    """Uploads cannot be shaped here (no tc, no permission, no htb)."""
+
+
+@contextlib.contextmanager
+def shaped(port: int, mbit: int | None) -> Iterator[None]:
+    """Traffic to ``port`` on loopback limited to ``mbit`` Mbit/s (Linux tc, htb; needs CAP_NET_ADMIN), as over a
+    network link; nothing is changed when ``mbit`` is None. The shaping is removed on the way out."""
+    if mbit is None:
+        yield
+        return
+    if shutil.which("tc") is None:
+        raise LinkUnavailable("Linux tc is not installed (Debian: iproute2)")
+    cmds = ["qdisc add dev lo root handle 1: htb default 10",
+            f"class add dev lo parent 1: classid 1:1 htb rate {mbit}mbit ceil {mbit}mbit",
+            "class add dev lo parent 1: classid 1:10 htb rate 100gbit",
+            f"filter add dev lo parent 1: protocol ip prio 1 u32 match ip dport {port} 0xffff flowid 1:1"]  # fmt: skip
+    added = False  # a root qdisc that was there before is never removed
+    try:
+        for c in cmds:
+            out = subprocess.run(["tc", *c.split()], capture_output=True, text=True, check=False)
+            if out.returncode:
+                raise LinkUnavailable(f"`tc {c}` failed ({out.stderr.strip()}); shaping needs root (CAP_NET_ADMIN), "
+                                      "the htb qdisc and no root qdisc on lo already")  # fmt: skip
+            added = True
+        yield
+    finally:
+        if added:
+            subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True, check=False)
+
+
+def s3_ratio(
+    tmp: str, tensors: dict[str, torch.Tensor], runs: int, link_mbit: int | None = None
+) -> tuple[float | str, dict[str, Any]]:
+    """Save time into a compressed repository over a raw one, on the Ceph S3 server (or "n/a"); with
+    ``link_mbit``, also over uploads shaped to that rate (``shaped``)."""
     if shutil.which("radosgw") is None:
         return NO_S3, {"why": "radosgw is not installed"}
     try:
@@ -200,22 +244,37 @@ def s3_ratio(tmp: str, tensors: dict[str, torch.Tensor], runs: int) -> tuple[flo
         srv = Server(os.path.join(tmp, "s3server"))
     except Exception as err:  # the server did not come up: the figure is n/a, the rest still stands
         return NO_S3, {"why": f"{type(err).__name__}: {err}"[:300]}
-    times: dict[str, list[float]] = {"raw": [], "compressed": []}
+    def rounds(link: int | None) -> dict[str, float]:
+        times: dict[str, list[float]] = {"raw": [], "compressed": []}
+        cpu: dict[str, list[float]] = {"raw": [], "compressed": []}
+        with shaped(int(srv.server.endpoint.rsplit(":", 1)[1].strip("/")), link):
+            for i in range(runs + 1):
+                for kind in ("raw", "compressed") if i % 2 == 0 else ("compressed", "raw"):
+                    url = f"s3://{BUCKET}/{kind}-{link}-{i}"
+                    if kind == "compressed":
+                        Repository(url).configure(codec=CODEC)
+                    c0, s0, t0 = time.process_time(), srv.cpu_s(), time.perf_counter()
+                    ckptkit.save(url, {"model": tensors}, "a", rng=False)
+                    if i:  # the first round warms up
+                        times[kind].append(time.perf_counter() - t0)
+                        cpu[kind].append(time.process_time() - c0 + srv.cpu_s() - s0)
+                    srv.delete_prefix(f"{kind}-{link}-{i}/")
+        out = {f"{k}_save_s": statistics.median(v) for k, v in times.items()}
+        return {**out, **{f"{k}_cpu_s": statistics.median(v) for k, v in cpu.items()}}
+
     try:
-        for i in range(runs + 1):
-            for kind in ("raw", "compressed") if i % 2 == 0 else ("compressed", "raw"):
-                url = f"s3://{BUCKET}/{kind}-{i}"
-                if kind == "compressed":
-                    Repository(url).configure(codec=CODEC)
-                t0 = time.perf_counter()
-                ckptkit.save(url, {"model": tensors}, "a", rng=False)
-                if i:  # the first round warms up
-                    times[kind].append(time.perf_counter() - t0)
-                srv.delete_prefix(f"{kind}-{i}/")
+        info: dict[str, Any] = {"startup_s": srv.startup_s, "loopback": rounds(None)}
+        if link_mbit:
+            try:
+                info["link"] = {"mbit": link_mbit, **rounds(link_mbit)}
+            except LinkUnavailable as err:
+                info["link"] = f"n/a ({err})"
     finally:
         srv.stop()
-    raw, comp = statistics.median(times["raw"]), statistics.median(times["compressed"])
-    return raw / comp, {"raw_save_s": raw, "compressed_save_s": comp, "startup_s": srv.startup_s}
+    for figures in info.values():
+        if isinstance(figures, dict):
+            figures["ratio"] = figures["compressed_save_s"] / figures["raw_save_s"]
+    return info["loopback"]["ratio"], info
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -225,6 +284,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp32-mib", type=int, default=None, help="fp32 parameters in MiB; AdamW adds twice that "
                    "(default 96, or --size-mib when smaller)")  # fmt: skip
     p.add_argument("--no-s3", action="store_true", help="skip the S3 save (reported as n/a)")
+    p.add_argument("--link-mbit", type=int, default=LINK_MBIT, help="also time the S3 saves with uploads to the "
+                   f"server limited to this many Mbit/s, as over a network link (Linux tc, needs root; default "
+                   f"{LINK_MBIT}; 0: not)")  # fmt: skip
     args = p.parse_args(argv)
     check_common(p, args)
     if args.fp32_mib is None:
@@ -246,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rf = measure_codec(of, args.runs, args.warmup)
     framing = whole_object_framing(ob)
     with scratch_dir(args.dir, "ckptkit-bench-compress-") as tmp:
-        s3, s3_info = (NO_S3, {"why": "--no-s3"}) if args.no_s3 else s3_ratio(tmp, bf16, args.runs)
+        s3, s3_info = (NO_S3, {"why": "--no-s3"}) if args.no_s3 else s3_ratio(tmp, bf16, args.runs,
+                                                                                        args.link_mbit)
     raw = rb["raw_bytes"] + rf["raw_bytes"]
     decoded = rb["decoded_bytes"] + rf["decoded_bytes"]
     ratios: dict[str, float] = {
@@ -255,14 +318,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compress_gbps_per_core": raw / (rb["compress_cpu_s"] + rf["compress_cpu_s"]) / 1e9,
         "decompress_gbps": decoded / (rb["decompress_wall_s"] + rf["decompress_wall_s"]) / 1e9,
     }
+    if isinstance(s3, float):
+        ratios["s3_save_compressed_vs_raw"] = s3
+    link = s3_info.get("link", "n/a (no S3 server)" if not isinstance(s3, float) else "n/a (--link-mbit 0)")
+    if isinstance(link, dict):
+        ratios["s3_save_compressed_vs_raw_link"] = link["ratio"]
     result: dict[str, Any] = {
         **ratios,
         "decompress_gbps_per_core": decoded / (rb["decompress_cpu_s"] + rf["decompress_cpu_s"]) / 1e9,
         "compress_gbps_wall": raw / (rb["compress_wall_s"] + rf["compress_wall_s"]) / 1e9,
         "s3_save_compressed_vs_raw": s3,
+        "s3_save_compressed_vs_raw_link": link["ratio"] if isinstance(link, dict) else link,
         "s3": s3_info,
         "targets": {k: f"{op} {bound:g}" for k, (op, bound) in TARGETS.items()},
-        "pass": {k: passes(TARGETS, k, ratios[k]) for k in TARGETS},
+        "pass": {k: passes(TARGETS, k, ratios[k]) for k in TARGETS if k in ratios},
         "framing": {"per_plane_frames": {"ratio": rb["ratio"],
                                          "compress_gbps_per_core": rb["raw_bytes"] / rb["compress_cpu_s"] / 1e9},
                     "whole_object_frame": framing},
@@ -282,15 +351,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any], note: str) -> str:
-    lines = [note, f"{'figure':28s} {'value':>22s} {'target':>8s} {'pass':>5s}"]
+    lines = [note, f"{'figure':32s} {'value':>22s} {'target':>8s} {'pass':>5s}"]
     lines.append("-" * len(lines[1]))
     for key in ("bf16_ratio", "fp32_ratio", "compress_gbps_per_core", "decompress_gbps", "decompress_gbps_per_core",
-                "compress_gbps_wall", "s3_save_compressed_vs_raw"):  # fmt: skip
+                "compress_gbps_wall", "s3_save_compressed_vs_raw", "s3_save_compressed_vs_raw_link"):  # fmt: skip
         v = result[key]
         shown = f"{v:.3f}" if isinstance(v, float) else str(v)
         target = result["targets"].get(key, "-")
         ok = {True: "PASS", False: "FAIL"}.get(result["pass"].get(key), "-")  # type: ignore[call-overload]
-        lines.append(f"{key:28s} {shown:>22s} {target:>8s} {ok:>5s}")
+        lines.append(f"{key:32s} {shown:>22s} {target:>8s} {ok:>5s}")
+    for name, figures in result["s3"].items():
+        if isinstance(figures, dict):
+            where = f"uploads shaped to {figures['mbit']} Mbit/s" if name == "link" else name
+            lines.append(f"S3 save, {where}: raw {figures['raw_save_s']:.3f} s, compressed "
+                         f"{figures['compressed_save_s']:.3f} s (ratio {figures['ratio']:.3f}); CPU-s client + server: "
+                         f"raw {figures['raw_cpu_s']:.2f}, compressed {figures['compressed_cpu_s']:.2f}")  # fmt: skip
     f = result["framing"]
     lines.append(f"framing (bf16): per-plane frames ratio {f['per_plane_frames']['ratio']:.3f} at "
                  f"{f['per_plane_frames']['compress_gbps_per_core']:.2f} GB/s/core; one frame per object "

@@ -364,6 +364,61 @@ def test_an_upload_body_streams_and_rewinds_without_copying_its_buffers() -> Non
     assert body.read(5) == b"" and body.seek(-10, 2) == len(want) - 10 and body.read() == want[-10:]
 
 
+def test_a_lazy_put_uploads_while_its_producer_is_still_producing(s3: Any) -> None:
+    """Objects handed over by a generator (a compressed save encodes them so) start uploading before it is done,
+    and it is not run further ahead of the uploads than the bytes of two budgets of parts in flight."""
+    repo = _private(s3.fresh_url(), part_size=5 * MIB, max_concurrency=2)
+    stats = _count_part_uploads(repo)
+    blobs = [os.urandom(6 * MIB) for _ in range(8)]
+    started_before: list[int] = []
+
+    def produce() -> Any:
+        for b in blobs:
+            started_before.append(stats["parts"])
+            yield hash_bytes(b), [memoryview(b)]
+
+    assert repo.write_objects(produce()) == 8 * 6 * MIB
+    assert stats["parts"] == 16
+    # 2 x 2 x 5 MiB = 20 MiB ahead at most: the fifth object (24 MiB in) waited for uploads to make room
+    assert started_before[0] == 0 and started_before[4] >= 2, started_before
+    fresh = Repository(repo.url)
+    assert all(bytes(fresh.read_object(hash_bytes(b), len(b))) == b for b in blobs)
+
+
+def test_a_producer_that_fails_mid_put_leaves_no_object_and_no_upload(s3: Any) -> None:
+    repo = _private(s3.fresh_url(), part_size=5 * MIB, max_concurrency=2)
+    blobs = [os.urandom(11 * MIB) for _ in range(2)]
+
+    def produce() -> Any:
+        for b in blobs:
+            yield hash_bytes(b), [memoryview(b)]
+        raise ValueError("the encoder broke")
+
+    with pytest.raises(ValueError, match="the encoder broke"):
+        repo.write_objects(produce())
+    for b in blobs:  # an object whose upload completed is whole; the others are not there at all
+        h = hash_bytes(b)
+        if repo.has_object(h):
+            assert bytes(repo.read_object(h, len(b))) == b
+    assert _uploads(repo) == [], "an upload the failed put started was left open"
+
+
+def test_a_compressed_save_of_many_objects_round_trips_from_s3(s3: Any) -> None:
+    """The encoded objects stream into the uploads as they are encoded; each is recorded with its stored form."""
+    url = s3.fresh_url()
+    Repository(url).configure(codec="byteplane-zstd")
+    g = torch.Generator().manual_seed(3)
+    state = {f"w{i}": (torch.randn(3 * MIB // 2, generator=g) * 0.02).to(torch.bfloat16) for i in range(6)}
+    state["noise"] = torch.randint(-(2**15), 2**15, (MIB,), dtype=torch.int16, generator=g)  # incompressible
+    m = ckptkit.save(_private(url, part_size=5 * MIB, max_concurrency=3), {"s": state}, "a", rng=False,
+                     object_size=3 * MIB)  # fmt: skip
+    stored = {o.codec for o in m.objects.values()}
+    assert len(m.objects) == 7 and stored == {"byteplane-zstd", None}, stored
+    out = ckptkit.restore(Repository(url), {}, "a", rng=False).values["s"]
+    assert all(torch.equal(out[k], v) for k, v in state.items())
+    assert all(r.ok for r in ckptkit.verify(url))
+
+
 def test_a_failed_multipart_upload_is_aborted_and_leaves_no_object(s3: Any) -> None:
     repo = _private(s3.fresh_url(), part_size=5 * MIB, max_concurrency=2)
     stats = _count_part_uploads(repo, fail_at=3)

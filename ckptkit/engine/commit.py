@@ -3,6 +3,7 @@ manifest last. Internal engine (used by the facade, the manager and the importer
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import datetime as _dt
 import functools
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -39,8 +40,8 @@ from ckptkit.version import __version__
 __all__ = ["ENCODE_BATCH", "commit_captured", "environment"]
 
 ENCODE_BATCH = 512 << 20
-"""Bytes of objects encoded (in parallel) before they are written, when the repository stores them compressed:
-what an encoded save holds in memory beyond the state itself."""
+"""Bytes of objects encoded (in parallel) ahead of the writing, when the repository stores them compressed: what
+an encoded save holds in memory beyond the state itself (and, on S3, the parts in flight)."""
 
 
 @functools.cache
@@ -145,8 +146,10 @@ _STORED: weakref.WeakKeyDictionary[Repository, dict[str, str | None]] = weakref.
 def _write_encoded(
     r: Repository, codec: str, packed: dict[str, PackedObject], missing: list[str]
 ) -> dict[str, str | None]:
-    """Encode and write the ``missing`` objects, a batch of :data:`ENCODE_BATCH` bytes at a time (encoded in
-    parallel); the codec each was stored with (None: it did not shrink enough, stored raw)."""
+    """Encode and write the ``missing`` objects: encoded in parallel, at most :data:`ENCODE_BATCH` bytes of them
+    ahead of the writing, and handed to the repository in order as each is ready, so the encoding of the next
+    objects overlaps the writing (the upload, on S3) of the first; the codec each was stored with (None: it did
+    not shrink enough, stored raw)."""
     out: dict[str, str | None] = {}
     workers = min(os.cpu_count() or 1, 8)
 
@@ -156,18 +159,30 @@ def _write_encoded(
         out[h] = None if enc is None else codec
         return h, enc if enc is not None else obj.buffers
 
-    batches: list[list[str]] = [[]]
-    size = 0
-    for h in missing:
-        if batches[-1] and size + packed[h].size > ENCODE_BATCH:
-            batches.append([])
-            size = 0
-        batches[-1].append(h)
-        size += packed[h].size
+    def encoded(pool: concurrent.futures.ThreadPoolExecutor) -> Iterator[tuple[str, list[memoryview]]]:
+        queued: collections.deque[tuple[int, concurrent.futures.Future[tuple[str, list[memoryview]]]]] = (
+            collections.deque())  # fmt: skip
+        todo = iter(missing)
+        ahead = 0
+        try:
+            while True:
+                for h in todo:  # keep the pool busy, within the batch's bytes (at least one object)
+                    queued.append((packed[h].size, pool.submit(one, h)))
+                    ahead += packed[h].size
+                    if ahead >= ENCODE_BATCH:
+                        break
+                if not queued:
+                    return
+                size, first = queued.popleft()
+                item = first.result()
+                ahead -= size
+                yield item
+        finally:
+            for _, f in queued:  # the writing failed: what was not started is not encoded
+                f.cancel()
+
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckptkit-encode") as pool:
-        for batch in batches:
-            if batch:
-                r.write_objects([(h, list(chunks)) for h, chunks in pool.map(one, batch)])
+        r.write_objects(encoded(pool))
     return out
 
 

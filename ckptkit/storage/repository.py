@@ -245,16 +245,19 @@ class Repository:
         """Store an object under its hash. The caller computed ``h`` over ``chunks``; returns bytes written."""
         return self.write_objects([(h, chunks)])
 
-    def write_objects(self, objects: list[tuple[str, Iterable[memoryview]]]) -> int:
+    def write_objects(self, objects: Iterable[tuple[str, Iterable[memoryview]]]) -> int:
         """Store several objects; on local disk each one's fsync overlaps the writing of the next, on S3 they
-        upload concurrently within one budget of ``max_concurrency`` requests.
+        upload concurrently within one budget of ``max_concurrency`` requests. ``objects`` may be a generator
+        (objects encoded as they are needed): it is consumed while the objects it gave are being stored.
 
         An object appears under its final name only after its bytes are stored, so a crash at any moment
         leaves complete objects and temporary files (removed by gc), never a partial object; so does a full
         disk, which raises :class:`~ckptkit.errors.StorageFullError`.
         """
         with self._writing(_OBJECTS):
-            return self.backend.put([(self._object_key(h), chunks) for h, chunks in objects])
+            if isinstance(objects, list):
+                return self.backend.put([(self._object_key(h), chunks) for h, chunks in objects])
+            return self.backend.put((self._object_key(h), chunks) for h, chunks in objects)
 
     def read_object(self, h: str, size: int | None = None) -> memoryview:
         """Read an object and verify its hash (and size, when known); a writable buffer of its bytes.

@@ -90,6 +90,7 @@ _HASH_STEP = 4 * MIB  # the caller's thread hashes once this much more has arriv
 _HUGE_PAGES_FROM = 4 * MIB
 _CANCEL_WAIT = 60.0  # seconds an interrupted call waits for its requests to be cancelled and aborted
 _BODY_WORKERS = 4  # threads that copy and checksum upload bodies (each releases the GIL while it works)
+_UPLOAD_AHEAD = 2  # a lazy put's producer runs at most this many budgets (concurrency x part size) ahead
 _SEND_CHUNK = 1 << 20  # an upload's body is handed to aiohttp in views of this many bytes
 _SIGNER = "ckptkit-s3v4"  # botocore's s3v4, taking a body's SHA-256 from :class:`_Body` when it carries one
 _TIMEOUT_ERRORS = ("ConnectTimeoutError", "ReadTimeoutError", "FSTimeoutError")  # botocore's, fsspec's
@@ -178,6 +179,8 @@ class S3Backend(FsspecBackend):
             return future.result()
         except (CkptkitError, FileNotFoundError):
             raise
+        except _ProducerFailed as failed:  # the caller's generator of objects raised: its error, as it is
+            raise failed.error from failed.error.__cause__
         except Exception as err:  # anything the requests' own guards did not name
             raise self._error(err, action, key, None) from err
         except BaseException:
@@ -224,16 +227,53 @@ class S3Backend(FsspecBackend):
     # --- writes ------------------------------------------------------------------------------------------------
 
     def put(self, objects: Iterable[tuple[str, Iterable[memoryview]]]) -> int:
-        """Upload objects concurrently (see the module docstring); an object appears only once complete."""
-        views = [(k, [memoryview(c).cast("B") for c in chunks]) for k, chunks in objects]
-        return int(self._run(self._upload_all(views), "saving", views[0][0] if len(views) == 1 else None))
+        """Upload objects concurrently (see the module docstring); an object appears only once complete.
 
-    async def _upload_all(self, objects: list[tuple[str, list[memoryview]]]) -> int:
+        ``objects`` may be produced lazily (a generator that encodes them, say): it is then advanced on a worker
+        thread while the objects it already gave are uploading, and no further than :data:`_UPLOAD_AHEAD` part
+        budgets ahead of the uploads (the bytes it hands over stay in memory until their upload is done)."""
+        if isinstance(objects, (list, tuple)):
+            key = objects[0][0] if len(objects) == 1 else None
+            return int(self._run(self._upload_all(iter(objects), False), "saving", key))
+        return int(self._run(self._upload_all(iter(objects), True), "saving", None))
+
+    async def _upload_all(self, objects: Iterator[tuple[str, Iterable[memoryview]]], lazy: bool) -> int:
         slots = asyncio.Semaphore(self.max_concurrency)  # wakes waiters in order: objects finish roughly in order
         open_uploads: dict[str, tuple[str, str]] = {}  # upload id -> (bucket, key), until completed
-        tasks = [asyncio.ensure_future(self._upload_one(key, views, slots, open_uploads))
-                 for key, views in objects]  # fmt: skip
+        tasks: list[asyncio.Future[int]] = []
+        ahead = _UPLOAD_AHEAD * self.max_concurrency * self.part_size  # bytes handed over and not yet uploaded
+        held = 0
+        room = asyncio.Event()
+
+        def done(size: int) -> Callable[[asyncio.Future[int]], None]:
+            def release(_: asyncio.Future[int]) -> None:
+                nonlocal held
+                held -= size
+                room.set()
+
+            return release
+
         try:
+            while True:
+                if lazy:
+                    while held >= ahead and _failed(tasks) is None:
+                        room.clear()
+                        await room.wait()
+                    failed = _failed(tasks)
+                    if failed is not None:  # a failed upload stops the producer at once
+                        await failed
+                    item = await asyncio.get_running_loop().run_in_executor(self._pool(), _pull, objects)
+                else:
+                    item = next(objects, None)
+                if item is None:
+                    break
+                key, chunks = item
+                views = [memoryview(c).cast("B") for c in chunks]
+                size = sum(len(v) for v in views)
+                task = asyncio.ensure_future(self._upload_one(key, views, slots, open_uploads))
+                held += size
+                task.add_done_callback(done(size))
+                tasks.append(task)
             return sum(await asyncio.gather(*tasks))
         except BaseException:
             for t in tasks:
@@ -309,10 +349,13 @@ class S3Backend(FsspecBackend):
         """One request's body, bytes ``start:end`` of ``views`` (no copy), and its checksum parameters, computed on
         a worker thread: SHA-256 and CRC32 release the GIL there, where botocore would run them on s3fs's loop one
         part at a time (with its copies of the body, ~3 s of the loop thread per GiB saved)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool(), _make_body, views, start, end, *sums)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The worker threads of uploads: bodies' checksums (:meth:`_body`), a lazy ``put``'s producer."""
         if self._workers is None:
-            self._workers = concurrent.futures.ThreadPoolExecutor(_BODY_WORKERS, thread_name_prefix="ckptkit-s3-body")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._workers, _make_body, views, start, end, *sums)
+            self._workers = concurrent.futures.ThreadPoolExecutor(_BODY_WORKERS + 1, thread_name_prefix="ckptkit-s3")
+        return self._workers
 
     async def _completed(self, key: str, parts: list[dict[str, Any]]) -> bool:
         """Whether ``key`` holds the object that completing an upload of ``parts`` makes (by its ETag: the MD5 of
@@ -718,6 +761,27 @@ def _fresh(n: int) -> mmap.mmap:
         with contextlib.suppress(OSError):  # a kernel without transparent huge pages: plain pages then
             m.madvise(advice)
     return m
+
+
+class _ProducerFailed(Exception):
+    """The generator a lazy :meth:`S3Backend.put` consumes raised ``error`` (not a failure of the store)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _pull(objects: Iterator[_T]) -> _T | None:
+    """The next of ``objects`` (None at the end); its error as :class:`_ProducerFailed`."""
+    try:
+        return next(objects, None)
+    except Exception as err:
+        raise _ProducerFailed(err) from err
+
+
+def _failed(tasks: list[asyncio.Future[int]]) -> asyncio.Future[int] | None:
+    """The first of ``tasks`` that has failed, if any."""
+    return next((t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None), None)
 
 
 def _is_int(v: object) -> bool:
