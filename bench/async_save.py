@@ -33,11 +33,18 @@ bench/save_load.py (an fp32 MLP + its AdamW moments of about ``--size-mib``):
   ckptkit save costs the training loop (it is blocked for all of it).
 * ``async_lost_vs_sync``: the training time an async save costs, divided by that synchronous save's time
   (medians over the timed rounds, both measured in the same run, interleaved). The training time lost per
-  async save is ``block + (sum(steps during) - len(steps during) * median(steps before))``: the time
-  ``mgr.save`` blocks, plus how much longer the training steps run while the save is in the background took
-  than the same number of steps with no save running. The steps before are ``--steps`` training steps run
-  right before that save (nothing in flight, same conditions), so a machine whose load drifts from round to
-  round shifts both alike. A save that commits before the first step ends still counts that step.
+  async save is ``block + sum(steps during) - sum(steps after)``: the time ``mgr.save`` blocks, plus how much
+  longer the training steps run while the save is in the background took than as many steps run right after it
+  committed (nothing in flight, same conditions): a paired comparison over the same number of steps, so a
+  machine whose load drifts from round to round shifts both alike, and a save that costs nothing comes out at
+  zero on average (above or below it by the noise; below zero is reported as it is). A save that commits before
+  the first step ends still counts that step. Until 2026-12-02 the baseline was ``len(steps during) *
+  median(--steps steps before)``, and a window that came out below it counted as no loss: that biases the figure
+  upward (step times have a long right tail, so the median step is shorter than the mean one, and the
+  difference is added once per step of the window) and makes it noisy in long windows (a baseline of 20 steps,
+  multiplied by every step of the window). It is still reported as ``async_lost_vs_sync_median_baseline``
+  (``_loaded_median_baseline``), with its bias on its own (``null_s`` in the JSON: what it gives a save that
+  costs nothing).
 * Two scenarios, one after the other: quiet (nothing else started by the benchmark), then loaded: one
   competing CPU-bound process (a pure-Python busy loop, nice 0, started before the scenario and killed after
   it) runs throughout, for the steps before, the steps during and the synchronous saves alike.
@@ -150,13 +157,31 @@ class Window:
     background_s: float
     loop_s: float
     cpu_s: float
+    after: list[float]
 
     @property
     def lost_s(self) -> float:
-        """Training time this save cost: the blocking time, plus how much longer the steps during it took than
-        as many steps before it (an excess below zero is noise, counted as none)."""
+        """Training time this save cost: the blocking time, plus how much longer the steps during it took than as
+        many steps right after it committed (nothing in flight). Unbiased, and paired: the two sums are over the
+        same number of steps under the same conditions, so a save that costs nothing comes out at zero on average,
+        above or below by the noise of the two sums, whatever the window's length."""
+        return self.block_s + sum(self.steps) - sum(self.after)
+
+    @property
+    def lost_median_s(self) -> float:
+        """The estimate this benchmark reported before 2026-12-02: the excess over as many *median* steps
+        before, an excess below zero counted as none. Biased upward: step times have a long right tail (the
+        scheduler setting a thread aside), so the median step is shorter than the mean one and every step of a
+        long window adds the difference (``null_s``), and the clamp drops the windows that came out below; and it
+        is noisy: the baseline is ``--steps`` steps, multiplied by every step of the window."""
         excess = sum(self.steps) - len(self.steps) * statistics.median(self.before)
         return self.block_s + max(0.0, excess)
+
+    @property
+    def null_s(self) -> float:
+        """What :attr:`lost_median_s` attributes to a save that costs nothing: the mean step before less the
+        median one, times the steps of this window."""
+        return len(self.steps) * (statistics.fmean(self.before) - statistics.median(self.before))
 
 
 @contextlib.contextmanager
@@ -196,6 +221,7 @@ SERIES = [
     ("first_block", "async save() #1 blocks (allocates buffers)"),
     ("block", "async save() #2+ blocks (buffers reused)"),
     ("lost", "async save: training time lost per save"),
+    ("lost_median", "  the same, by the median step before (old)"),
     ("block_threads1", "async save() #2+ blocks, torch threads=1"),
     ("background", "async save: save() return -> committed"),
     ("step_alone", "train step, no save running"),
@@ -205,6 +231,7 @@ SERIES = [
     ("sync_loaded", "loaded: ckptkit save, async_save=False"),
     ("block_loaded", "loaded: async save() blocks"),
     ("lost_loaded", "loaded: async, training time lost per save"),
+    ("lost_median_loaded", "  the same, by the median step before (old)"),
     ("background_loaded", "loaded: async save() return -> committed"),
     ("step_alone_loaded", "loaded: train step, no save running"),
     ("step_during_loaded", "loaded: train step, during a save"),
@@ -271,7 +298,8 @@ def measure(
             c1, t2 = cpu_seconds() + writer_cpu_seconds(mgr), time.perf_counter()
             mgr.wait()
             t3 = time.perf_counter()
-        return Window(before, t1 - t0, steps, t3 - t1, t2 - t1, c1 - c0)
+            after = [trainer.step() for _ in steps]  # as many steps, with nothing in flight
+        return Window(before, t1 - t0, steps, t3 - t1, t2 - t1, c1 - c0, after)
 
     for other in others.values():
         async_save(None, other)  # their first save (buffers allocated, a writer process started), untimed
@@ -331,7 +359,8 @@ def measure(
                     elif what == "before":
                         s[key].times.extend(win.before)
                     else:
-                        record(key, {"block": win.block_s, "lost": win.lost_s, "background": win.background_s}[what])
+                        record(key, {"block": win.block_s, "lost": win.lost_s, "background": win.background_s,
+                                     "lost_median": win.lost_median_s}[what])  # fmt: skip
 
         return run
 
@@ -355,7 +384,7 @@ def measure(
     quiet: list[Callable[[bool], None]] = [
         run_copy, run_torch_save, sync_save("sync"),
         async_run(None, "default", {"block": "block", "lost": "lost", "background": "background",
-                                    "steps": "step_during"}),
+                                    "steps": "step_during", "lost_median": "lost_median"}),
         alone("step_alone", None),
         async_run(1, "threads1", {"block": "block_threads1", "steps": "step_during_t1"}),
         alone("step_alone_t1", 1),
@@ -363,7 +392,8 @@ def measure(
     loaded: list[Callable[[bool], None]] = [
         sync_save("sync_loaded"),
         async_run(None, "loaded", {"block": "block_loaded", "lost": "lost_loaded", "background": "background_loaded",
-                                   "steps": "step_during_loaded", "before": "step_alone_loaded"}),
+                                   "steps": "step_during_loaded", "before": "step_alone_loaded",
+                                   "lost_median": "lost_median_loaded"}),
     ]  # fmt: skip
     quiet += [other_run(spec, "quiet") for spec in others]
     loaded += [other_run(spec, "loaded") for spec in others]
@@ -384,8 +414,8 @@ def measure(
         wall = sum(w.loop_s for w in ws)
         cpu = sum(w.cpu_s for w in ws)
         # Training time a save costs: the steps run during it, less what they take with no save running.
-        if alone is not None:  # the scenario's median step with no save running (the table's "alone" row)
-            lost = [sum(w.steps) - len(w.steps) * alone.median for w in ws]
+        if alone is not None:  # the scenario's mean step with no save running (the table's "alone" row)
+            lost = [sum(w.steps) - len(w.steps) * statistics.fmean(alone.times) for w in ws]
         else:
             lost = [w.lost_s - w.block_s for w in ws]
         return {
@@ -393,7 +423,9 @@ def measure(
             "steps_during": [len(w.steps) for w in ws],
             "background_s": [w.background_s for w in ws],
             "block_s": [w.block_s for w in ws],
-            "lost_s": [w.lost_s for w in ws],  # block + steps' excess over the steps right before the save
+            "lost_s": [w.lost_s for w in ws],  # block + steps' excess over the mean step right before the save
+            "lost_median_s": [w.lost_median_s for w in ws],  # the old, upward-biased estimate
+            "null_s": [w.null_s for w in ws],  # its bias: what it gives a save that costs nothing
             "train_time_lost_per_save_s": statistics.median(lost) if lost else math.nan,
             "process_cpu_cores_busy": cpu / wall if wall else math.nan,  # of os.cpu_count() cores
         }
@@ -422,6 +454,8 @@ def measure(
                 / s["sync_loaded"].median,
                 "lost_s": [w.lost_s for w in ws["quiet"]],
                 "lost_loaded_s": [w.lost_s for w in ws["loaded"]],
+                "lost_median_s": [w.lost_median_s for w in ws["quiet"]],
+                "lost_median_loaded_s": [w.lost_median_s for w in ws["loaded"]],
                 "block_s": [w.block_s for w in ws["quiet"]],
                 "background_s": [w.background_s for w in ws["quiet"]],
                 "background_loaded_s": [w.background_s for w in ws["loaded"]],
@@ -455,18 +489,20 @@ def table(s: dict[str, Series], ratios: dict[str, float], note: str) -> str:
         series_row(k)
     ratio_row("async_block_vs_copy", "(block / (copy + 50 ms))")
     ratio_row("async_block_vs_sync", "(time)")
-    for k in ("background", "lost"):
+    for k in ("background", "lost", "lost_median"):
         series_row(k)
     ratio_row("async_lost_vs_sync", "(lost / ckptkit sync save)")
+    ratio_row("async_lost_vs_sync_median_baseline", "(old estimate)", "async_lost_vs_sync")
     for k in ("step_alone", "step_during"):
         series_row(k)
     ratio_row("step_slowdown_during_save", "(median step time)")
     for k in ("block_threads1", "step_alone_t1", "step_during_t1"):
         series_row(k)
     ratio_row("step_slowdown_during_save_threads1", "(median step time)", "step_slowdown_during_save")
-    for k in ("sync_loaded", "block_loaded", "background_loaded", "lost_loaded"):
+    for k in ("sync_loaded", "block_loaded", "background_loaded", "lost_loaded", "lost_median_loaded"):
         series_row(k)
     ratio_row("async_lost_vs_sync_loaded", "(lost / sync, loaded)")
+    ratio_row("async_lost_vs_sync_loaded_median_baseline", "(old estimate)", "async_lost_vs_sync_loaded")
     for k in ("step_alone_loaded", "step_during_loaded"):
         series_row(k)
     ratio_row("step_slowdown_during_save_loaded", "(median step time)", "step_slowdown_during_save")
@@ -533,6 +569,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_slowdown_during_save_threads1": s["step_during_t1"].median / s["step_alone_t1"].median,
         "async_lost_vs_sync": s["lost"].median / s["sync"].median,
         "async_lost_vs_sync_loaded": s["lost_loaded"].median / s["sync_loaded"].median,
+        "async_lost_vs_sync_median_baseline": s["lost_median"].median / s["sync"].median,
+        "async_lost_vs_sync_loaded_median_baseline": s["lost_median_loaded"].median / s["sync_loaded"].median,
         "step_slowdown_during_save_loaded": s["step_during_loaded"].median / s["step_alone_loaded"].median,
     }
     by_min = {  # each series' fastest round: an estimate of the code's cost when nothing else is in the way
@@ -588,12 +626,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k, w in info["windows"].items():
             lines.append(f"during-save windows ({k}): steps per save {w['steps_during']}, training time lost per "
                          f"save {w['train_time_lost_per_save_s']:.2f} s, process CPU "
-                         f"{w['process_cpu_cores_busy']:.2f} of {os.cpu_count()} cores busy")  # fmt: skip
+                         f"{w['process_cpu_cores_busy']:.2f} of {os.cpu_count()} cores busy; the old estimate's "
+                         f"bias (a free save) {statistics.median(w['null_s']):.2f} s per save")  # fmt: skip
         for spec, c in info["compare"].items():
-            lines.append(f"compared, {spec}: async_lost_vs_sync {c['async_lost_vs_sync']:.3f} (lost "
+            old = (statistics.median(c["lost_median_s"]) / result["series"]["sync"]["median_s"],
+                   statistics.median(c["lost_median_loaded_s"]) / result["series"]["sync_loaded"]["median_s"])
+            lines.append(f"compared, {spec}: async_lost_vs_sync {c['async_lost_vs_sync']:.3f} (old estimate "
+                         f"{old[0]:.3f}; lost "
                          f"{statistics.median(c['lost_s']):.2f} s, committed after "
                          f"{statistics.median(c['background_s']):.2f} s), loaded "
-                         f"{c['async_lost_vs_sync_loaded']:.3f} (lost {statistics.median(c['lost_loaded_s']):.2f} s, "
+                         f"{c['async_lost_vs_sync_loaded']:.3f} (old estimate {old[1]:.3f}; lost "
+                         f"{statistics.median(c['lost_loaded_s']):.2f} s, "
                          f"committed after {statistics.median(c['background_loaded_s']):.2f} s)")  # fmt: skip
         return "\n".join(lines)
 

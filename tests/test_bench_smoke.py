@@ -1,5 +1,5 @@
-"""Smoke tests of the benchmarks in bench/: each runs end to end on a tiny state and reports finite positive
-ratios for every target it names, and leaves no file behind.
+"""Smoke tests of the benchmarks in bench/: each runs end to end on a tiny state and reports finite ratios (positive
+where they cannot be anything else) for every target it names, and leaves no file behind.
 
 The targets themselves are not asserted: timings are too noisy on shared CI machines (docs/benchmarks.md has the
 figures measured with the full-size runs).
@@ -30,11 +30,13 @@ def run_bench(script: str, args: list[str], tmp_path: Path, timeout: float = 300
     return result
 
 
-def assert_ratios(result: dict[str, Any], keys: tuple[str, ...]) -> None:
+def assert_ratios(result: dict[str, Any], keys: tuple[str, ...], signed: tuple[str, ...] = ()) -> None:
+    """Every ``keys`` figure finite and positive; those in ``signed`` (an estimate that is a difference, such as
+    training time lost, below zero by the noise when the true value is near zero) finite."""
     for key in keys:
         value = result[key]
         assert isinstance(value, float), (key, value)
-        assert math.isfinite(value) and value > 0, (key, value)
+        assert math.isfinite(value) and (value > 0 or key in signed), (key, value)
     targets = set(result.get("targets", {}))
     assert targets <= set(keys), f"a target without a smoke check: {targets - set(keys)}"
     assert set(result.get("pass", {})) == targets
@@ -50,7 +52,7 @@ def test_bench_async_save_smoke(tmp_path: Path) -> None:
     result = run_bench("async_save.py", ["--size-mib", "8", "--steps", "3"], tmp_path)
     assert_ratios(result, ("async_block_vs_copy", "async_block_vs_sync", "step_slowdown_during_save",
                            "step_slowdown_during_save_threads1", "async_lost_vs_sync",
-                           "async_lost_vs_sync_loaded"))  # fmt: skip
+                           "async_lost_vs_sync_loaded"), signed=("async_lost_vs_sync", "async_lost_vs_sync_loaded"))  # fmt: skip
     assert result["windows"]["default"]["saves"] == 1 and result["windows"]["default"]["steps_during"][0] >= 1
 
 

@@ -7,7 +7,11 @@ multipart upload above (which becomes visible only when it completes). On any er
 interrupted, every upload the call started and did not complete is aborted, so an object under its final key is
 never partial (and what an abort misses, e.g. after SIGKILL, gc aborts once stale: S3 keeps, and bills, the
 parts of an incomplete upload until then). A completion whose answer was lost, and that botocore therefore
-retried into ``NoSuchUpload``, is recognised by the object's multipart ETag and counts as done.
+retried into ``NoSuchUpload``, is recognised by the object's multipart ETag and counts as done. A request's body
+is views of the caller's buffers (no copy), streamed to aiohttp a MiB at a time; its CRC32 and, over plain HTTP
+where SigV4 signs the payload, its SHA-256 are computed on worker threads and handed to botocore (a signer that
+takes a precomputed digest, see :func:`_take_digests`), which would otherwise compute them on s3fs's loop thread.
+Objects given as a generator are uploaded while it produces the next ones (see :meth:`S3Backend.put`).
 
 Commit: :meth:`S3Backend.put_if_absent` is a conditional PUT (``If-None-Match: *``): of two writers racing for
 one key, the server lets only the first one in (412 for the other). A server without conditional writes
