@@ -312,6 +312,12 @@ def test_uploads_carry_the_sha256_and_crc32_of_their_own_bytes(s3: Any) -> None:
                  for p in sent if p.get("content-length", "0") != "0")  # fmt: skip
     assert got == want
     assert bytes(Repository(repo.url).read_object(h, len(data))) == data
+    # the same client still presigns (botocore's own s3v4-query signer) and lists as before
+    import urllib.request
+
+    with urllib.request.urlopen(repo.fs.url(repo.object_path(hash_bytes(small))), timeout=30) as resp:
+        assert resp.read() == small
+    assert len(repo.list_objects()) == 3
 
 
 def test_an_upload_whose_sha256_does_not_match_its_bytes_is_refused_and_leaves_nothing(
