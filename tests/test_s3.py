@@ -20,6 +20,7 @@ import os
 import random
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -422,6 +423,39 @@ def test_a_compressed_save_of_many_objects_round_trips_from_s3(s3: Any) -> None:
     assert len(m.objects) == 7 and stored == {"byteplane-zstd", None}, stored
     out = ckptkit.restore(Repository(url), {}, "a", rng=False).values["s"]
     assert all(torch.equal(out[k], v) for k, v in state.items())
+    assert all(r.ok for r in ckptkit.verify(url))
+
+
+def test_interpreter_exit_commits_an_async_save_to_a_compressed_bucket(s3: Any) -> None:
+    """A save still being encoded and uploaded when the interpreter exits commits: the exit hook runs before
+    concurrent.futures shuts its executors (asyncio resolves a new connection's host on one, the codec encodes on
+    one, the uploads checksum on one). As a plain atexit hook it ran after, and the save failed at exit with
+    "cannot schedule new futures after interpreter shutdown"."""
+    url = s3.fresh_url()
+    Repository(url).configure(codec="byteplane-zstd")
+    script = textwrap.dedent(f"""
+        import os, time, fsspec.config, torch, ckptkit
+        from ckptkit.storage import Repository
+        fsspec.config.conf["s3"] = {{"client_kwargs": {{"endpoint_url": os.environ["CKPTKIT_S3_ENDPOINT"]}}}}
+        real = Repository.write_objects
+        def slow(self, objects):
+            time.sleep(1.5)  # still to encode and upload when the interpreter begins to exit
+            return real(self, objects)
+        Repository.write_objects = slow
+        g = torch.Generator().manual_seed(0)
+        state = {{f"w{{i}}": (torch.randn(3 << 20, generator=g) * 0.02).to(torch.bfloat16) for i in range(4)}}
+        mgr = ckptkit.CheckpointManager(Repository({url!r}, part_size=5 << 20), {{"model": state}},
+                                        async_save=True, object_size=8 << 20)
+        mgr.save(3)
+        print("returned", flush=True)
+    """)  # exits without wait() or close()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **s3.env(),
+           "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0 and "returned" in out.stdout, out.stderr[-3000:]
+    assert "failed at exit" not in out.stderr, out.stderr[-3000:]
+    (m,) = checkpoints(url)
+    assert {o.codec for o in m.objects.values()} == {"byteplane-zstd"}
     assert all(r.ok for r in ckptkit.verify(url))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import concurrent.futures
+import concurrent.futures.thread  # its exit hook first, so that ours (below) runs before it
 import contextlib
 import functools
 import importlib
@@ -285,9 +286,15 @@ def track(owner: Closable, live: bool = True) -> None:
         _LIVE.discard(owner)
 
 
-@atexit.register
 def _finish_pending_saves() -> None:
-    """At interpreter exit, commit what async saves are still writing (never leave the last one behind)."""
+    """At interpreter exit, commit what async saves are still writing (never leave the last one behind).
+
+    Registered with :mod:`threading`'s exit hooks where it has them (CPython 3.9+), which run before
+    :mod:`concurrent.futures` shuts its executors (registered earlier, at its import: they run in reverse): a
+    commit still needs them then (asyncio resolves a new connection's host name on its default executor, the
+    codec encodes on a thread pool). A plain atexit hook ran after that, and a save still uploading to S3 at exit
+    failed with "cannot schedule new futures after interpreter shutdown". The atexit hook stays as a fallback: by
+    then it finds nothing left to do."""
     for owner in list(_LIVE):
         if owner.pending():
             log.warning("waiting for the checkpoint being written to %s before exiting", owner.describe())
@@ -295,3 +302,9 @@ def _finish_pending_saves() -> None:
             owner.close()
         except Exception as err:
             log.error("async save to %s failed at exit: %s", owner.describe(), err)
+
+
+atexit.register(_finish_pending_saves)
+_register_early = getattr(threading, "_register_atexit", None)
+if _register_early is not None:
+    _register_early(_finish_pending_saves)
