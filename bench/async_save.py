@@ -53,8 +53,9 @@ bench/save_load.py (an fp32 MLP + its AdamW moments of about ``--size-mib``):
 Rounds are interleaved (each round runs every method once, the starting method rotating from round to round)
 and the median of the timed rounds is reported, after one untimed warm-up round. During the "during" windows
 the CPU time of this process (user + system, all threads) and of the writer process (``writer="process"``) is
-recorded, so the table also says how busy both cores were. A full run at the default size should take about 5
-minutes on 2 cores (an estimate: most of it is the background saves, which commit slowly at low priority).
+recorded, so the table also says how busy both cores were. A full run at the default size took about 15
+minutes on 2 cores (most of it the background saves, which commit slowly at low priority, and as many steps
+after each); each ``--compare`` adds about half as much again.
 """
 
 from __future__ import annotations
