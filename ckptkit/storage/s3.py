@@ -887,15 +887,15 @@ def _take_digests(client: Any) -> None:
     import botocore.handlers  # type: ignore[import-untyped]
 
     def choose(context: Any, signing_name: Any, signature_version: Any = None, **kwargs: Any) -> str | None:
-        # Presigned URLs and forms ask for "s3v4-query" / "s3v4-presign-post", an anonymous client for UNSIGNED:
+        # Presigned URLs and forms ask for "...-query" / "...-presign-post", an anonymous client for UNSIGNED:
         # those are left to botocore. This handler runs first, so botocore's own choice for the operation is
         # asked here (it would answer first otherwise): where it is s3v4, the same signer that also takes a
         # digest; anything else (sigv4a, S3 Express) is botocore's, which it then answers again.
-        if signature_version != "s3v4":
+        if not isinstance(signature_version, str) or signature_version.endswith(("-query", "-presign-post")):
             return None
         chosen = botocore.handlers.set_operation_specific_signer(context=context, signing_name=signing_name,
                                                                  **kwargs)  # fmt: skip
-        return _SIGNER if chosen in (None, "s3v4") else None
+        return _SIGNER if (chosen or signature_version) == "s3v4" else None
 
     client.meta.events.register_first("choose-signer.s3", choose, unique_id="ckptkit-s3-body-digests")
     _DIGESTS_TAKEN.add(client)
