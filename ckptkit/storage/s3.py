@@ -93,7 +93,7 @@ _MIN_READ_PART = 1 * MIB
 _HASH_STEP = 4 * MIB  # the caller's thread hashes once this much more has arrived (or the read is done)
 _HUGE_PAGES_FROM = 4 * MIB
 _CANCEL_WAIT = 60.0  # seconds an interrupted call waits for its requests to be cancelled and aborted
-_BODY_WORKERS = 4  # threads that copy and checksum upload bodies (each releases the GIL while it works)
+_BODY_WORKERS = 4  # threads that checksum upload bodies (hashlib and zlib release the GIL)
 _UPLOAD_AHEAD = 2  # a lazy put's producer runs at most this many budgets (concurrency x part size) ahead
 _SEND_CHUNK = 1 << 20  # an upload's body is handed to aiohttp in views of this many bytes
 _SIGNER = "ckptkit-s3v4"  # botocore's s3v4, taking a body's SHA-256 from :class:`_Body` when it carries one
@@ -248,6 +248,7 @@ class S3Backend(FsspecBackend):
         ahead = _UPLOAD_AHEAD * self.max_concurrency * self.part_size  # bytes handed over and not yet uploaded
         held = 0
         room = asyncio.Event()
+        sums = await self._checksums()  # once per put: every key is in the repository's bucket
 
         def done(size: int) -> Callable[[asyncio.Future[int]], None]:
             def release(_: asyncio.Future[int]) -> None:
@@ -274,7 +275,7 @@ class S3Backend(FsspecBackend):
                 key, chunks = item
                 views = [memoryview(c).cast("B") for c in chunks]
                 size = sum(len(v) for v in views)
-                task = asyncio.ensure_future(self._upload_one(key, views, slots, open_uploads))
+                task = asyncio.ensure_future(self._upload_one(key, views, slots, open_uploads, sums))
                 held += size
                 task.add_done_callback(done(size))
                 tasks.append(task)
@@ -290,10 +291,9 @@ class S3Backend(FsspecBackend):
             raise
 
     async def _upload_one(self, key: str, views: list[memoryview], slots: asyncio.Semaphore,
-                          open_uploads: dict[str, tuple[str, str]]) -> int:  # fmt: skip
+                          open_uploads: dict[str, tuple[str, str]], sums: tuple[bool, bool]) -> int:  # fmt: skip
         bucket, s3key = self._split(key)
         size = sum(len(v) for v in views)
-        sums = await self._checksums(bucket)
         if size <= self.part_size:
             async with slots:
                 body, extra = await self._body(views, 0, size, sums)
@@ -334,12 +334,12 @@ class S3Backend(FsspecBackend):
         del open_uploads[upload]
         return size
 
-    async def _checksums(self, bucket: str) -> tuple[bool, bool]:
+    async def _checksums(self) -> tuple[bool, bool]:
         """What botocore would compute over every upload's body on s3fs's loop, which :meth:`_body` computes on a
         worker thread instead: (the body's SHA-256, which SigV4 signs over a plain-HTTP endpoint; its CRC32, sent
         by default). The client learns to take a precomputed SHA-256 here (:func:`_take_digests`)."""
         await self.fs.set_session()  # as every s3fs call does first (a no-op once it has its client)
-        client = await self.fs.get_s3(bucket)
+        client = await self.fs.get_s3(self.fs.split_path(self.root)[0])
         _take_digests(client)
         config = client.meta.config
         crc = getattr(config, "request_checksum_calculation", "when_supported") == "when_supported"
